@@ -1,0 +1,28 @@
+#include "kernels/cpu/cpu_backend.h"
+#include "quilt/kernels/backend.h"
+#include "runtime/core/check.h"
+#ifdef QUILT_HAVE_CUDA
+#include "kernels/cuda/cuda_backend.h"
+#endif
+
+namespace quilt {
+
+std::vector<std::string> compiled_backends() {
+#ifdef QUILT_HAVE_CUDA
+  return {"cpu", "cuda"};
+#else
+  return {"cpu"};
+#endif
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& name) {
+  if (name == "cpu") return make_cpu_backend();
+#ifdef QUILT_HAVE_CUDA
+  if (name == "cuda") return make_cuda_backend();
+#else
+  QUILT_REQUIRE(name != "cuda", "backend 'cuda' was not compiled into this build (configure with nvcc available or -DQUILT_CUDA=ON)");
+#endif
+  QUILT_FAIL("unknown backend '", name, "' (expected cpu or cuda)");
+}
+
+}  // namespace quilt

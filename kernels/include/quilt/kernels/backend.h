@@ -1,0 +1,126 @@
+#pragma once
+// The op set shared by every backend. One op has one name here, in cpu/<op>.cpp and in
+// cuda/<op>.cu. Destination first; shapes are given in the comment of each argument.
+// Ops never allocate and never exit: a shape mismatch is our bug (QUILT_ASSERT).
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "quilt/kernels/tensor.h"
+
+namespace quilt {
+
+struct RopeParams {
+  int num_q_heads = 0;   // heads of q in the fused qkv row (this rank's)
+  int num_kv_heads = 0;  // heads of k (and v) in the fused qkv row (this rank's)
+  int head_dim = 0;
+  float theta = 10000.f;
+};
+
+struct KvWriteParams {
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int block_size = 0;
+};
+
+struct AttentionParams {
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int block_size = 0;
+  int max_blocks_per_seq = 0;  // row stride of block_tables
+  float scale = 1.f;           // softmax scale, head_dim^-0.5 for Gemma
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual Device device() const = 0;
+  // The dtype of activations and weights kept by this backend (f32 on the CPU).
+  virtual DType compute_dtype() const = 0;
+
+  // ---- memory ------------------------------------------------------------------------------
+  virtual Tensor empty(const std::vector<int64_t>& shape, DType dtype) = 0;
+  virtual Tensor zeros(const std::vector<int64_t>& shape, DType dtype) = 0;
+  // Copies host data stored as `src_dtype` (f32, f16 or bf16) into a new tensor of
+  // compute_dtype(), converting on the way.
+  virtual Tensor from_host(const void* src, DType src_dtype, const std::vector<int64_t>& shape) = 0;
+  virtual Tensor from_host_i32(const int32_t* src, const std::vector<int64_t>& shape) = 0;
+  // dst: host floats, src.numel() of them.
+  virtual void to_host_f32(float* dst, const Tensor& src) = 0;
+  virtual void copy(Tensor& dst, const Tensor& src) = 0;
+
+  // ---- ops ---------------------------------------------------------------------------------
+  // out[T, H] = table[ids[t] - vocab_start] * scale, or 0 when ids[t] is outside this shard
+  // (vocab-parallel embedding; the caller all-reduces).
+  virtual void embedding(Tensor& out,          // [T, H]
+                         const Tensor& table,  // [V_local, H]
+                         const Tensor& ids,    // [T] i32
+                         int64_t vocab_start, float scale) = 0;
+
+  // out = x * rsqrt(mean(x^2) + eps) * (1 + w), in fp32.
+  virtual void rms_norm(Tensor& out,      // [T, H]
+                        const Tensor& x,  // [T, H]
+                        const Tensor& w,  // [H]
+                        float eps) = 0;
+
+  // residual += x; out = rms_norm(residual).
+  virtual void add_rms_norm(Tensor& residual,  // [T, H], updated in place
+                            Tensor& out,       // [T, H]
+                            const Tensor& x,   // [T, H]
+                            const Tensor& w,   // [H]
+                            float eps) = 0;
+
+  // y = x W^T (+ y when accumulate).
+  virtual void matmul(Tensor& y,        // [M, N]
+                      const Tensor& x,  // [M, K]
+                      const Tensor& w,  // [N, K]
+                      bool accumulate) = 0;
+
+  // Rotate-half RoPE applied in place to the q and k parts of the fused qkv rows.
+  virtual void rope(Tensor& qkv,               // [T, (Hq + 2 Hkv) * D]
+                    const Tensor& positions,   // [T] i32
+                    const RopeParams& p) = 0;
+
+  // Scatters the k and v parts of qkv into the paged cache at `slots` (slot < 0: skip).
+  virtual void write_kv_cache(Tensor& k_cache,        // backend layout, num_blocks * block_size slots
+                              Tensor& v_cache,        // same
+                              const Tensor& qkv,      // [T, (Hq + 2 Hkv) * D]
+                              const Tensor& slots,    // [T] i32
+                              const KvWriteParams& p) = 0;
+
+  // Causal attention over the paged cache for a batch of sequences. Sequence s owns query rows
+  // [cu_seqlens[s], cu_seqlens[s+1]); they are the last q_len tokens of its seqlens[s]-long
+  // context, so prefill (q_len = prompt), decode (q_len = 1) and chunks share one path.
+  virtual void paged_attention(Tensor& out,                 // [T, Hq * D]
+                               const Tensor& qkv,           // [T, (Hq + 2 Hkv) * D]
+                               const Tensor& k_cache,
+                               const Tensor& v_cache,
+                               const Tensor& cu_seqlens,    // [S + 1] i32
+                               const Tensor& seqlens,       // [S] i32
+                               const Tensor& block_tables,  // [S, max_blocks_per_seq] i32
+                               const AttentionParams& p) = 0;
+
+  // out = gelu_tanh(gate) * up, with gate_up = [gate | up] per row.
+  virtual void gelu_tanh_mul(Tensor& out,             // [T, I]
+                             const Tensor& gate_up) = 0;  // [T, 2 I]
+
+  // out[m] = x[indices[m]].
+  virtual void gather_rows(Tensor& out,             // [M, H]
+                           const Tensor& x,         // [T, H]
+                           const Tensor& indices) = 0;  // [M] i32
+
+  // KV cache storage for one layer: k and v, each num_blocks * block_size slots of
+  // num_kv_heads * head_dim values, in the backend's own layout.
+  virtual Tensor kv_cache_tensor(int64_t num_blocks, int block_size, int num_kv_heads,
+                                 int head_dim) = 0;
+};
+
+// Implemented in backend_factory.cpp, the one place that knows which backends were compiled.
+std::unique_ptr<Backend> make_backend(const std::string& name);
+std::vector<std::string> compiled_backends();
+
+}  // namespace quilt

@@ -1,0 +1,90 @@
+#include "launch/generate.h"
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "model/gemma_model.h"
+#include "model/greedy.h"
+#include "model/tokenizer.h"
+#include "runtime/comm/mpi_communicator.h"
+#include "runtime/core/log.h"
+
+namespace quilt {
+namespace fs = std::filesystem;
+
+namespace {
+// Progress for long loads: a line at every 10% and at the end, from tp rank 0 only.
+LoadProgress progress_logger(int rank) {
+  auto start = std::chrono::steady_clock::now();
+  auto next = std::make_shared<int>(10);
+  return [rank, start, next](size_t done, size_t total) {
+    if (rank != 0 || total == 0) return;
+    const int pct = static_cast<int>(100.0 * done / total);
+    if (pct < *next && done != total) return;
+    while (*next <= pct) *next += 10;
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    log::info("loading weights: ", pct, "% (", done / (1 << 20), " / ", total / (1 << 20), " MiB, ",
+              static_cast<int>(s * 10) / 10.0, " s)");
+  };
+}
+}  // namespace
+
+int run_generate(const GenerateOptions& opt, MPI_Comm comm) {
+  MpiCommunicator tp(comm);
+  const int rank = tp.rank();
+  const GemmaConfig cfg = GemmaConfig::from_file((fs::path(opt.model_dir) / "config.json").string());
+  if (rank == 0) log::info(cfg.summary(), ", tensor parallel ", tp.size());
+
+  std::unique_ptr<Tokenizer> tok;
+  std::vector<int> ids;
+  if (rank == 0) {
+    tok = Tokenizer::load(opt.model_dir);
+    ids = tok->encode(opt.prompt);
+    QUILT_REQUIRE(tok->vocab_size() <= cfg.vocab_size, "tokenizer has ", tok->vocab_size(),
+                  " pieces but the model's vocab_size is ", cfg.vocab_size);
+  }
+  int n = static_cast<int>(ids.size());
+  MPI_Bcast(&n, 1, MPI_INT, 0, comm);
+  ids.resize(n);
+  MPI_Bcast(ids.data(), n, MPI_INT, 0, comm);
+
+  auto backend = make_backend(opt.backend);
+  const Checkpoint ckpt = Checkpoint::open(opt.model_dir);
+  const auto t0 = std::chrono::steady_clock::now();
+  GemmaForCausalLM model(cfg, *backend, tp, ckpt, progress_logger(rank));
+  const auto t1 = std::chrono::steady_clock::now();
+  if (rank == 0)
+    log::info("loaded ", ckpt.total_bytes() / (1 << 20), " MiB from ", ckpt.num_files(), " file(s) in ",
+              std::chrono::duration<double>(t1 - t0).count(), " s");
+
+  const GreedyResult r = greedy_generate(model, ids, opt.max_new_tokens, cfg.eos_token_ids);
+  const auto t2 = std::chrono::steady_clock::now();
+  if (rank != 0) return 0;
+  log::info("generated ", r.greedy_ids.size(), " tokens in ",
+            std::chrono::duration<double>(t2 - t1).count(), " s");
+
+  std::vector<int> shown;
+  for (int id : r.greedy_ids)
+    if (std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), id) == cfg.eos_token_ids.end())
+      shown.push_back(id);
+  const std::string text = tok->decode(shown);
+  if (opt.json) {
+    nlohmann::json j;
+    j["prompt_ids"] = r.prompt_ids;
+    nlohmann::json lp = nlohmann::json::array();
+    for (const auto& v : r.prompt_logprobs) lp.push_back(v ? nlohmann::json(*v) : nlohmann::json(nullptr));
+    j["prompt_logprobs"] = lp;
+    j["greedy_ids"] = r.greedy_ids;
+    j["greedy_logprobs"] = r.greedy_logprobs;
+    j["text"] = text;
+    std::printf("%s\n", j.dump().c_str());
+  } else {
+    std::printf("%s\n", text.c_str());
+  }
+  std::fflush(stdout);
+  return 0;
+}
+
+}  // namespace quilt
