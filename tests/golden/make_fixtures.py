@@ -194,7 +194,7 @@ ADAPTERS = {
 # The embedding is small relative to the attention/MLP outputs so that the residual stream is
 # not dominated by the current token (otherwise the model just predicts the last token again);
 # with tied embeddings this also keeps the logits peaked but not one-hot.
-EMBED_STD = float(os.environ.get("GOLDEN_EMBED_STD", 0.3))
+EMBED_STD = float(os.environ.get("GOLDEN_EMBED_STD", 0.35))
 LINEAR_STD = float(os.environ.get("GOLDEN_LINEAR_STD", 0.25))  # q, k, v, gate, up
 OUT_STD = float(os.environ.get("GOLDEN_OUT_STD", 0.25))  # o_proj, down_proj
 NORM_STD = 0.1
@@ -392,6 +392,9 @@ def make_adapter(model_dir: str, out_dir: str, name: str, spec: dict, gen: torch
     acfg_path = os.path.join(out_dir, "adapter_config.json")
     acfg = json.load(open(acfg_path, encoding="utf-8"))
     acfg["base_model_name_or_path"] = fixture
+    # PEFT stores target_modules from a set (order depends on PYTHONHASHSEED): sort for determinism.
+    if isinstance(acfg.get("target_modules"), list):
+        acfg["target_modules"] = sorted(acfg["target_modules"])
     write_json(acfg_path, dict(sorted(acfg.items())))
     # Verify the saved tensors: dtype, names, rank per module.
     sd = load_file(os.path.join(out_dir, "adapter_model.safetensors"))
@@ -541,6 +544,8 @@ def make_fixture(name: str, spec: dict, out_root: str, seed: int, sp_proto: byte
             "peft": peft.__version__,
             "sentencepiece": spm.__version__,
             "seed": seed,
+            "init_std": {"embed": EMBED_STD, "qkv_gate_up": LINEAR_STD, "o_down": OUT_STD, "norm": NORM_STD,
+                         "lora_A": LORA_A_STD, "lora_B": LORA_B_STD},
         },
         "max_new_tokens": MAX_NEW_TOKENS,
         "eos_token_id": EOS_ID,
