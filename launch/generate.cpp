@@ -1,5 +1,6 @@
 #include "launch/generate.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -63,7 +64,10 @@ int run_generate(const GenerateOptions& opt, MPI_Comm comm) {
   const auto t2 = std::chrono::steady_clock::now();
   if (rank != 0) return 0;
   log::info("generated ", r.greedy_ids.size(), " tokens in ",
-            std::chrono::duration<double>(t2 - t1).count(), " s");
+            std::chrono::duration<double>(t2 - t1).count(), " s: prefill of ", r.prompt_ids.size(),
+            " tokens ", r.prefill_seconds * 1e3, " ms, decode ",
+            r.decode_steps ? r.decode_seconds * 1e3 / r.decode_steps : 0.0, " ms/step over ",
+            r.decode_steps, " steps (backend ", opt.backend, ", tp ", tp.size(), ")");
 
   std::vector<int> shown;
   for (int id : r.greedy_ids)

@@ -1,6 +1,7 @@
 #include "model/greedy.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 
 #include "runtime/core/check.h"
@@ -48,7 +49,10 @@ GreedyResult greedy_generate(GemmaForCausalLM& model, const std::vector<int>& pr
   in.max_blocks_per_seq = static_cast<int>(table.size());
   in.seqlen = {P};
   in.max_s = P;
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
   ForwardOutput out = model.forward(in, kv);  // logits for every prompt row
+  r.prefill_seconds = std::chrono::duration<double>(clock::now() - t0).count();
 
   r.prompt_logprobs.push_back(std::nullopt);
   for (int i = 1; i < P; ++i)
@@ -72,7 +76,10 @@ GreedyResult greedy_generate(GemmaForCausalLM& model, const std::vector<int>& pr
     d.max_blocks_per_seq = static_cast<int>(table.size());
     d.seqlen = {ctx + 1};
     d.max_s = ctx + 1;
+    const auto t1 = clock::now();
     ForwardOutput o = model.forward(d, kv);
+    r.decode_seconds += std::chrono::duration<double>(clock::now() - t1).count();
+    ++r.decode_steps;
     last = std::move(o.logits);
     ++ctx;
   }

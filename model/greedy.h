@@ -15,6 +15,9 @@ struct GreedyResult {
   std::vector<int> greedy_ids;
   std::vector<double> greedy_logprobs;
   std::vector<float> last_prompt_logits;  // logits at the last prompt position
+  double prefill_seconds = 0;             // the one forward over the prompt
+  double decode_seconds = 0;              // all decode forwards together
+  int decode_steps = 0;
 };
 
 // log_softmax(row)[id], computed in double.

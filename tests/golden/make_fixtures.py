@@ -22,7 +22,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -440,6 +439,117 @@ def load_adapter_model(model_dir: str, adapter_dir: str, spec: dict):
     return pm
 
 
+# --------------------------------------------------------------------------------------
+# Independent float64 NumPy re-implementation, straight from the files on disk. It checks
+# that the semantics documented in README.md (which the C++ engine follows) reproduce the
+# transformers/PEFT reference.
+# --------------------------------------------------------------------------------------
+
+
+def _load_tensors(fdir: str) -> dict:
+    idx = os.path.join(fdir, "model.safetensors.index.json")
+    if os.path.exists(idx):
+        files = sorted(set(json.load(open(idx, encoding="utf-8"))["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    out = {}
+    for f in files:
+        for k, v in load_file(os.path.join(fdir, f)).items():
+            assert k not in out, k
+            out[k] = v.float().numpy().astype(np.float64)
+    return out
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def numpy_reference_logits(fdir: str, adapter_dir: str | None, ids: list[int]) -> np.ndarray:
+    cfg = json.load(open(os.path.join(fdir, "config.json"), encoding="utf-8"))
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act")
+    assert act in ("gelu", "gelu_pytorch_tanh"), act  # Gemma: both mean tanh-approximate GELU
+    theta = cfg["rope_parameters"]["rope_theta"] if "rope_parameters" in cfg else cfg["rope_theta"]
+    H, nh, nkv, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    eps = cfg["rms_norm_eps"]
+    W = _load_tensors(fdir)
+
+    lora = {}
+    if adapter_dir is not None:
+        acfg = json.load(open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8"))
+        sd = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+        prefix = "base_model.model."
+        for k, v in sd.items():
+            assert k.startswith(prefix) and k.endswith((".lora_A.weight", ".lora_B.weight")), k
+            mod, ab = k[len(prefix):].rsplit(".", 2)[0], k.rsplit(".", 2)[1]
+            lora.setdefault(mod, {})[ab] = v.float().numpy().astype(np.float64)
+        for mod, d in lora.items():
+            short = mod.split(".")[-1]
+            r = acfg["rank_pattern"].get(short, acfg["r"])
+            alpha = acfg["alpha_pattern"].get(short, acfg["lora_alpha"])
+            assert d["lora_A"].shape[0] == r and d["lora_B"].shape[1] == r
+            d["scale"] = alpha / math.sqrt(r) if acfg["use_rslora"] else alpha / r
+
+    def linear(name, x):
+        y = x @ W[name + ".weight"].T
+        if name in lora:
+            d = lora[name]
+            y = y + d["scale"] * ((x @ d["lora_A"].T) @ d["lora_B"].T)
+        return y
+
+    def rmsnorm(x, w):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (1.0 + w)
+
+    T = len(ids)
+    emb = W["model.embed_tokens.weight"]
+    x = emb[ids] * np.float64(np.float32(math.sqrt(H)))  # HF: fp32 scalar sqrt(hidden_size)
+    inv_freq = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    ang = np.arange(T, dtype=np.float64)[:, None] * inv_freq[None, :]  # [T, hd/2]
+    cos, sin = np.cos(ang), np.sin(ang)
+
+    def rope(v):  # v: [T, n, hd]; rotate_half convention (pairs i, i + hd/2)
+        a, b = v[..., : hd // 2], v[..., hd // 2 :]
+        c, s = cos[:, None, :], sin[:, None, :]
+        return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+
+    mask = np.triu(np.full((T, T), -np.inf), k=1)
+    for L in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{L}."
+        h = rmsnorm(x, W[p + "input_layernorm.weight"])
+        q = rope(linear(p + "self_attn.q_proj", h).reshape(T, nh, hd))
+        k = rope(linear(p + "self_attn.k_proj", h).reshape(T, nkv, hd))
+        v = linear(p + "self_attn.v_proj", h).reshape(T, nkv, hd)
+        out = np.zeros((T, nh, hd))
+        for hh in range(nh):
+            kv = hh // (nh // nkv)  # query head hh uses kv head hh // group
+            sc = q[:, hh, :] @ k[:, kv, :].T * hd**-0.5 + mask
+            sc = np.exp(sc - sc.max(axis=-1, keepdims=True))
+            out[:, hh, :] = (sc / sc.sum(axis=-1, keepdims=True)) @ v[:, kv, :]
+        x = x + linear(p + "self_attn.o_proj", out.reshape(T, nh * hd))
+        h = rmsnorm(x, W[p + "post_attention_layernorm.weight"])
+        g = _gelu_tanh(linear(p + "mlp.gate_proj", h)) * linear(p + "mlp.up_proj", h)
+        x = x + linear(p + "mlp.down_proj", g)
+    x = rmsnorm(x, W["model.norm.weight"])
+    return x @ emb.T  # tied lm_head
+
+
+def check_numpy(fdir: str, adapter: str | None, case: dict) -> float:
+    adir = os.path.join(fdir, "adapters", adapter) if adapter else None
+    ids = case["prompt_ids"] + case["greedy_ids"]
+    ref = numpy_reference_logits(fdir, adir, ids)
+    lp = ref - ref.max(axis=-1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(axis=-1, keepdims=True))
+    n = len(case["prompt_ids"])
+    err = float(np.abs(ref[n - 1] - np.array(case["last_logits"])).max())
+    for i in range(1, n):
+        err = max(err, abs(lp[i - 1, ids[i]] - case["prompt_logprobs"][i]))
+    for j, tok in enumerate(case["greedy_ids"]):
+        row = ref[n - 1 + j]
+        assert int(np.argmax(row)) == tok, (adapter, case["prompt"][:20], j)
+        err = max(err, abs(lp[n - 1 + j, tok] - case["greedy_logprobs"][j]))
+    assert err < 2e-3, (adapter, case["prompt"][:20], err)
+    return err
+
+
 def make_fixture(name: str, spec: dict, out_root: str, seed: int, sp_proto: bytes) -> None:
     fdir = os.path.join(out_root, name)
     if os.path.exists(fdir):
@@ -529,6 +639,16 @@ def make_fixture(name: str, spec: dict, out_root: str, seed: int, sp_proto: byte
             diff = max(abs(a - b) for a, b in zip(c["last_logits"], base_last[c["prompt"]]))
             assert diff > 0.1, (c["adapter"], diff)
 
+    # Independent NumPy float64 re-implementation from the files on disk.
+    np_err = max(check_numpy(fdir, c["adapter"], c) for c in cases)
+
+    # transformers' own GemmaTokenizer (converted from tokenizer.model) must agree with sentencepiece.
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(fdir)
+    for text, ids in zip(PROMPTS, prompt_ids):
+        assert hf_tok(text)["input_ids"] == ids, (text, hf_tok(text)["input_ids"], ids)
+
     min_margin = min(m for c in cases for m in c["greedy_margins"])
     for c in cases:
         for i, m in enumerate(c["greedy_margins"]):
@@ -560,7 +680,7 @@ def make_fixture(name: str, spec: dict, out_root: str, seed: int, sp_proto: byte
     n_gen = sum(len(c["greedy_ids"]) for c in cases)
     print(f"{name}: vocab={vocab} dtype={DTYPE_NAMES[spec['dtype']]} layout={spec['layout']} "
           f"cases={len(cases)} prompt_lens={[len(p) for p in prompt_ids]} generated={n_gen} "
-          f"min_margin={min_margin:.3f} size={dir_size(fdir) / 1024:.1f} KiB")
+          f"min_margin={min_margin:.3f} numpy_max_err={np_err:.1e} size={dir_size(fdir) / 1024:.1f} KiB")
 
 
 def main() -> None:
