@@ -30,13 +30,17 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
 
-  MPI_Init(&argc, &argv);
+  // The transport thread and the compute thread (CPU all-reduce) both call MPI.
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
   int rank = 0, world = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &world);
   quilt::log::set_rank(rank, world);
   int rc = 0;
   try {
+    QUILT_REQUIRE(provided >= MPI_THREAD_MULTIPLE,
+                  "this MPI library does not provide MPI_THREAD_MULTIPLE, which Quilt needs");
     quilt::log::set_level(quilt::log::parse_level(log_level));
     if (g->parsed()) rc = quilt::run_generate(gen, MPI_COMM_WORLD);
   } catch (const std::exception& e) {

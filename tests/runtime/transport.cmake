@@ -1,0 +1,4 @@
+quilt_test(test_transport SOURCES runtime/test_transport.cpp LABELS runtime)
+target_link_libraries(test_transport PRIVATE quilt_transport)
+quilt_mpi_test(test_mpi_transport SOURCES runtime/test_mpi_transport.cpp NP 3)
+target_link_libraries(test_mpi_transport PRIVATE quilt_transport)
