@@ -1,0 +1,2 @@
+quilt_test(test_scheduler SOURCES runtime/test_scheduler.cpp LABELS unit)
+target_link_libraries(test_scheduler PRIVATE quilt_scheduler)
