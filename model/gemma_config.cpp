@@ -1,5 +1,6 @@
 #include "model/gemma_config.h"
 
+#include <algorithm>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -144,6 +145,32 @@ std::string GemmaConfig::summary() const {
      << "), intermediate " << intermediate_size << ", vocab " << vocab_size << ", rope_theta "
      << rope_theta << ", stored " << dtype_name(dtype);
   return os.str();
+}
+
+std::vector<int> load_eos_ids(const std::string& model_dir, const GemmaConfig& config) {
+  std::vector<int> ids = config.eos_token_ids;
+  const std::string path = model_dir + "/generation_config.json";
+  std::ifstream in(path);
+  if (!in.good()) return ids;
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::exception& e) {
+    QUILT_FAIL(path, ": not valid JSON (", e.what(), ")");
+  }
+  auto add = [&](const json& v) {
+    QUILT_REQUIRE(v.is_number_integer(), path, ": eos_token_id must be an integer or a list of integers");
+    const int id = v.get<int>();
+    if (std::find(ids.begin(), ids.end(), id) == ids.end()) ids.push_back(id);
+  };
+  if (auto it = j.find("eos_token_id"); it != j.end() && !it->is_null()) {
+    if (it->is_array()) {
+      for (const auto& v : *it) add(v);
+    } else {
+      add(*it);
+    }
+  }
+  return ids;
 }
 
 }  // namespace quilt

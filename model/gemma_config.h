@@ -33,4 +33,8 @@ struct GemmaConfig {
   std::string summary() const;
 };
 
+// EOS ids of a checkpoint folder: config.json's eos_token_id together with
+// generation_config.json's (when present), without duplicates.
+std::vector<int> load_eos_ids(const std::string& model_dir, const GemmaConfig& config);
+
 }  // namespace quilt

@@ -1,2 +1,4 @@
 quilt_test(test_detokenizer SOURCES runtime/test_detokenizer.cpp model/fixtures.cpp LABELS runtime)
 target_link_libraries(test_detokenizer PRIVATE quilt_coordinator)
+quilt_test(test_serving_inprocess SOURCES runtime/test_serving_inprocess.cpp model/fixtures.cpp LABELS runtime)
+target_link_libraries(test_serving_inprocess PRIVATE quilt_coordinator quilt_worker)

@@ -1,0 +1,63 @@
+#include "launch/roles.h"
+
+#include <chrono>
+
+#include "launch/embedded_model.h"
+#include "model/gemma_model.h"
+#include "runtime/comm/mpi_communicator.h"
+#include "runtime/core/log.h"
+#include "runtime/worker/worker.h"
+
+namespace quilt {
+
+JobLayout split_job(const ServeConfig& cfg, MPI_Comm world) {
+  JobLayout l;
+  MPI_Comm_rank(world, &l.world_rank);
+  MPI_Comm_size(world, &l.world_size);
+  QUILT_REQUIRE(l.world_size == cfg.world_size(), "this job has ", l.world_size,
+                " MPI ranks but the config needs 1 coordinator + replicas (", cfg.replicas,
+                ") x tensor_parallel (", cfg.tensor_parallel, ") = ", cfg.world_size(),
+                ": run it with mpirun -np ", cfg.world_size());
+  l.coordinator = l.world_rank == 0;
+  if (!l.coordinator) {
+    l.replica = (l.world_rank - 1) / cfg.tensor_parallel;
+    l.tp_rank = (l.world_rank - 1) % cfg.tensor_parallel;
+  }
+  // The coordinator is in no replica communicator.
+  MPI_Comm_split(world, l.coordinator ? MPI_UNDEFINED : l.replica, l.world_rank, &l.replica_comm);
+  return l;
+}
+
+std::string resolve_model_dir(const ServeConfig& cfg) {
+  if (!cfg.model_path.empty()) return cfg.model_path;
+  return materialize_embedded_model();
+}
+
+void run_worker_role(const ServeConfig& cfg, const std::string& model_dir, const JobLayout& layout,
+                     Transport& transport) {
+  const GemmaConfig mcfg = GemmaConfig::from_file(model_dir + "/config.json");
+  auto backend = make_backend(cfg.backend);
+  MpiCommunicator comm(layout.replica_comm);
+  const Checkpoint ckpt = Checkpoint::open(model_dir);
+  auto next = std::make_shared<int>(10);
+  const bool talk = layout.tp_rank == 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  GemmaForCausalLM model(mcfg, *backend, comm, ckpt, [&](size_t done, size_t total) {
+    const int pct = total ? static_cast<int>(100.0 * done / total) : 100;
+    if (!talk || (pct < *next && done != total)) return;
+    while (*next <= pct) *next += 10;
+    log::info("replica ", layout.replica, ": loading weights ", pct, "% (", done >> 20, " / ", total >> 20, " MiB)");
+  });
+  if (talk)
+    log::info("replica ", layout.replica, ": loaded in ",
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), " s, ",
+              cfg.effective_kv_blocks(), " KV blocks of ", cfg.block_size, " tokens");
+  ModelRunner runner(model, cfg.effective_kv_blocks(), cfg.block_size, load_eos_ids(model_dir, mcfg), layout.replica);
+  WorkerOptions opt;
+  opt.replica = layout.replica;
+  opt.tp_rank = layout.tp_rank;
+  opt.heartbeat_interval_s = cfg.heartbeat_interval_s;
+  Worker(runner, transport, opt).run();
+}
+
+}  // namespace quilt

@@ -1,0 +1,49 @@
+#pragma once
+// The serving job's configuration, read from YAML (`quilt serve --config FILE`). yaml-cpp stays
+// inside this folder. Every key has a default; configs/README.md is the table of keys, and
+// `quilt serve --print-config` prints the effective values.
+#include <cstdint>
+#include <string>
+
+namespace quilt {
+
+struct ServeConfig {
+  // model
+  std::string model_path;  // Hugging Face Gemma folder; empty = the embedded tiny model
+  std::string model_id;    // name in /info and /v1/models; default: the folder's name
+  std::string backend = "cpu";
+  // topology: mpirun -np 1 + replicas * tensor_parallel
+  int replicas = 1;
+  int tensor_parallel = 1;
+  // http
+  std::string host = "127.0.0.1";
+  int port = 8080;
+  int max_concurrent_requests = 1024;  // requests accepted and not finished; more get 429
+  // request limits (tokens)
+  int max_input_length = 1024;   // prompt tokens after truncation
+  int max_total_tokens = 2048;   // prompt + max_new_tokens
+  int default_max_new_tokens = 20;
+  int max_stop_sequences = 4;
+  int max_best_of = 1;
+  // scheduler (per replica; LoRAX's meanings)
+  int block_size = 16;                   // tokens per KV block
+  int kv_blocks = 0;                     // KV blocks per replica; 0 = max_batch_total_tokens / block_size
+  int64_t max_batch_prefill_tokens = 4096;
+  int64_t max_batch_total_tokens = 16384;
+  int max_running_requests = 256;
+  double waiting_served_ratio = 1.2;
+  int max_waiting_tokens = 20;
+  // health
+  double heartbeat_interval_s = 1.0;   // workers report this often
+  double heartbeat_timeout_s = 10.0;   // a worker silent this long makes /health fail
+  std::string log_level = "info";
+
+  // Parses YAML text; unknown keys and bad values are errors that name the key.
+  static ServeConfig from_yaml_text(const std::string& text, const std::string& source = "config");
+  static ServeConfig from_file(const std::string& path);
+  int world_size() const { return 1 + replicas * tensor_parallel; }
+  int effective_kv_blocks() const;
+  std::string to_yaml() const;
+};
+
+}  // namespace quilt

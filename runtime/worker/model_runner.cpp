@@ -1,0 +1,147 @@
+#include "runtime/worker/model_runner.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "model/greedy.h"
+#include "runtime/core/check.h"
+
+namespace quilt {
+
+SamplingParams to_sampler_params(const messages::SamplingParams& m) {
+  SamplingParams p;
+  // temperature 0 (OpenAI's spelling of greedy) turns sampling off.
+  p.temperature = m.temperature > 0 ? m.temperature : 1.0f;
+  p.top_k = m.top_k;
+  p.top_p = m.top_p;
+  p.typical_p = m.typical_p;
+  p.repetition_penalty = m.repetition_penalty;
+  p.frequency_penalty = m.frequency_penalty;
+  p.presence_penalty = m.presence_penalty;
+  p.do_sample = m.temperature > 0 && m.do_sample;
+  if (m.temperature <= 0) p.top_k = 0, p.top_p = 1, p.typical_p = 1;
+  p.seed = m.seed;
+  p.top_n_alternatives = m.top_n_alternatives;
+  return p;
+}
+
+ModelRunner::ModelRunner(GemmaForCausalLM& model, int num_kv_blocks, int block_size,
+                         std::vector<int> eos_ids, int replica)
+    : model_(model), kv_(model.allocate_kv_cache(num_kv_blocks, block_size)), eos_(std::move(eos_ids)),
+      replica_(replica) {}
+
+std::string ModelRunner::check(const messages::StepPlan& plan) const {
+  for (const auto& s : plan.sequences) {
+    const bool released = std::find(plan.release.begin(), plan.release.end(), s.request_id) != plan.release.end();
+    const auto it = seqs_.find(s.request_id);
+    const bool known = it != seqs_.end() && !released;
+    const int context = known ? it->second.context : 0;
+    if (s.kind == messages::RowKind::kDecode && (!known || it->second.last_token < 0))
+      return "request " + std::to_string(s.request_id) + ": decode row without a sampled token";
+    if (s.start_pos != context)
+      return "request " + std::to_string(s.request_id) + ": row starts at position " +
+             std::to_string(s.start_pos) + " but the worker holds " + std::to_string(context) + " tokens";
+    if (s.kind == messages::RowKind::kPrefill && !known && !s.sampling)
+      return "request " + std::to_string(s.request_id) + ": first row carries no sampling parameters";
+    const int64_t need = (static_cast<int64_t>(s.start_pos) + s.num_new_tokens + kv_.block_size - 1) / kv_.block_size;
+    if (static_cast<int64_t>(s.block_table.size()) < need)
+      return "request " + std::to_string(s.request_id) + ": block table too short";
+    for (int32_t b : s.block_table)
+      if (b < 0 || b >= kv_.num_blocks) return "request " + std::to_string(s.request_id) + ": block " + std::to_string(b) + " outside the cache";
+    for (int32_t t : s.input_tokens)
+      if (t < 0 || t >= model_.config().vocab_size) return "request " + std::to_string(s.request_id) + ": token id " + std::to_string(t) + " outside the vocabulary";
+  }
+  return "";
+}
+
+messages::StepResult ModelRunner::run(const messages::StepPlan& plan) {
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  messages::StepResult res;
+  res.step_id = plan.step_id;
+  res.replica = replica_;
+  if (std::string err = check(plan); !err.empty()) {
+    res.error = err;
+    return res;
+  }
+  for (uint64_t id : plan.release) seqs_.erase(id);
+
+  const int64_t V = model_.config().vocab_size;
+  ForwardInputs in;
+  in.cu_seqlen_prefill.push_back(0);
+  for (const auto& s : plan.sequences)
+    in.max_blocks_per_seq = std::max<int>(in.max_blocks_per_seq, static_cast<int>(s.block_table.size()));
+  std::vector<int32_t> first_row_of;  // per sequence: its first logits row in the output
+  for (const auto& s : plan.sequences) {
+    const auto it = seqs_.find(s.request_id);
+    const bool prompt_lp = s.kind == messages::RowKind::kPrefill &&
+                           (s.sampling ? s.sampling->prompt_logprobs : it != seqs_.end() && it->second.params.prompt_logprobs);
+    const int n = s.num_new_tokens;
+    for (int k = 0; k < n; ++k) {
+      const int pos = s.start_pos + k;
+      in.input_ids.push_back(s.kind == messages::RowKind::kDecode ? it->second.last_token : s.input_tokens[k]);
+      in.position_ids.push_back(pos);
+      in.slots.push_back(s.block_table[pos / kv_.block_size] * kv_.block_size + pos % kv_.block_size);
+    }
+    const int32_t row0 = in.cu_seqlen_prefill.back();
+    first_row_of.push_back(static_cast<int32_t>(in.lm_head_indices.size()));
+    if (prompt_lp) {
+      for (int k = 0; k < n; ++k) in.lm_head_indices.push_back(row0 + k);
+    } else if (s.needs_sample) {
+      in.lm_head_indices.push_back(row0 + n - 1);
+    }
+    in.cu_seqlen_prefill.push_back(row0 + n);
+    in.seqlen.push_back(s.start_pos + n);
+    in.max_s = std::max(in.max_s, s.start_pos + n);
+    for (int b = 0; b < in.max_blocks_per_seq; ++b)
+      in.block_tables.push_back(b < static_cast<int>(s.block_table.size()) ? s.block_table[b] : 0);
+  }
+  in.skip_lm_head = in.lm_head_indices.empty();
+
+  ForwardOutput out;
+  try {
+    out = model_.forward(in, kv_);
+  } catch (const std::exception& e) {
+    res.error = std::string("forward failed: ") + e.what();
+    return res;
+  }
+
+  for (size_t i = 0; i < plan.sequences.size(); ++i) {
+    const auto& s = plan.sequences[i];
+    Sequence& q = seqs_[s.request_id];
+    if (s.sampling) q.params = *s.sampling;
+    messages::SequenceOutput o;
+    o.request_id = s.request_id;
+    const bool prompt_lp = s.kind == messages::RowKind::kPrefill && q.params.prompt_logprobs;
+    const float* rows = out.logits.data() + static_cast<int64_t>(first_row_of[i]) * V;
+    if (s.kind == messages::RowKind::kPrefill) {
+      if (prompt_lp) {
+        for (int k = 0; k < s.num_new_tokens; ++k) {
+          const int pos = s.start_pos + k;
+          const float* prev = k > 0 ? rows + (k - 1) * V : (q.last_row.empty() ? nullptr : q.last_row.data());
+          o.prompt_logprobs.push_back(pos == 0 || !prev ? NAN
+                                                        : static_cast<float>(token_logprob(prev, V, s.input_tokens[k])));
+        }
+        if (!s.needs_sample) q.last_row.assign(rows + (s.num_new_tokens - 1) * V, rows + s.num_new_tokens * V);
+      }
+      q.prompt.insert(q.prompt.end(), s.input_tokens.begin(), s.input_tokens.end());
+    }
+    q.context = s.start_pos + s.num_new_tokens;
+    if (s.needs_sample) {
+      const float* last = prompt_lp ? rows + (s.num_new_tokens - 1) * V : rows;
+      if (!q.sampler) q.sampler = std::make_unique<SequenceSampler>(to_sampler_params(q.params), q.prompt);
+      const TokenChoice c = q.sampler->choose(last, V);
+      q.last_token = c.id;
+      q.last_row.clear();
+      o.token = messages::TokenLogprob{c.id, c.logprob};
+      for (const auto& [id, lp] : c.alternatives) o.alternatives.push_back({id, lp});
+      o.finished_by_eos = std::find(eos_.begin(), eos_.end(), c.id) != eos_.end();
+    }
+    res.sequences.push_back(std::move(o));
+  }
+  res.model_us = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(clock::now() - t0).count());
+  return res;
+}
+
+}  // namespace quilt

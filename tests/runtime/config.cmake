@@ -1,0 +1,2 @@
+quilt_test(test_serve_config SOURCES runtime/test_serve_config.cpp LABELS runtime)
+target_link_libraries(test_serve_config PRIVATE quilt_config)
