@@ -32,7 +32,9 @@ std::vector<uint8_t> serialize(const std::vector<Entry>& entries, const nlohmann
   }
   std::string hs = header_override ? header_override->dump() : h.dump();
   while (hs.size() % 8) hs += ' ';
-  std::vector<uint8_t> out(8);
+  std::vector<uint8_t> out;
+  out.reserve(8 + hs.size() + data.size());
+  out.resize(8);
   uint64_t n = hs.size();
   for (int i = 0; i < 8; ++i) out[i] = static_cast<uint8_t>(n >> (8 * i));
   out.insert(out.end(), hs.begin(), hs.end());
