@@ -15,10 +15,14 @@ std::vector<std::string> compiled_backends() {
 #endif
 }
 
-std::unique_ptr<Backend> make_backend(const std::string& name) {
-  if (name == "cpu") return make_cpu_backend();
+std::unique_ptr<Backend> make_backend(const std::string& name, const BackendOptions& options) {
+  if (name == "cpu") {
+    QUILT_REQUIRE(!options.compute_dtype || *options.compute_dtype == DType::f32,
+                  "backend 'cpu' computes in f32 only, not ", dtype_name(*options.compute_dtype));
+    return make_cpu_backend();
+  }
 #ifdef QUILT_HAVE_CUDA
-  if (name == "cuda") return make_cuda_backend();
+  if (name == "cuda") return make_cuda_backend(options);
 #else
   QUILT_REQUIRE(name != "cuda", "backend 'cuda' was not compiled into this build (configure with nvcc available or -DQUILT_CUDA=ON)");
 #endif

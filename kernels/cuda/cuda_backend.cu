@@ -1,7 +1,12 @@
+// The CUDA backend: memory on one stream-ordered pool, one stream, one cuBLAS handle; the ops
+// live in the file of their name (ops.h).
 #include <cuda_runtime.h>
 
+#include <cstring>
+#include <vector>
+
 #include "kernels/cuda/cuda_backend.h"
-#include "runtime/core/check.h"
+#include "kernels/cuda/ops.h"
 
 namespace quilt {
 
@@ -11,13 +16,233 @@ int cuda_device_count() {
   return n;
 }
 
-std::unique_ptr<Backend> make_cuda_backend() {
-  const int n = cuda_device_count();
-  QUILT_REQUIRE(n > 0, "backend 'cuda': no CUDA device is visible to this process");
-  // The bf16 kernels are the CUDA issue's work; until they land the backend refuses to start
-  // rather than pretending to run.
-  QUILT_FAIL("backend 'cuda': the CUDA kernels are not built yet (", n,
-             " device(s) found); use --backend cpu");
+namespace cuda {
+Context::~Context() {
+  // Errors are ignored here: a destructor cannot report them, and a broken context is gone anyway.
+  cudaSetDevice(device);
+  if (stream) cudaStreamSynchronize(stream);
+  if (cublas) cublasDestroy(cublas);
+  if (workspace) cudaFree(workspace);
+  if (stream) cudaStreamDestroy(stream);
+}
+}  // namespace cuda
+
+namespace {
+
+constexpr size_t kCublasWorkspace = size_t{32} << 20;  // Hopper's recommended size
+
+// Host staging: n values of `src_dtype` converted to `dst` dtype (f32, bf16 or f16).
+std::vector<uint8_t> convert_host(const void* src, DType src_dtype, DType dst, size_t n) {
+  std::vector<uint8_t> out(n * dtype_size(dst));
+  if (src_dtype == dst) {
+    std::memcpy(out.data(), src, out.size());
+    return out;
+  }
+  if (dst == DType::f32) {
+    convert_to_f32(reinterpret_cast<float*>(out.data()), src, src_dtype, n);
+    return out;
+  }
+  auto* o = reinterpret_cast<uint16_t*>(out.data());
+  constexpr size_t kChunk = 4096;
+  float buf[kChunk];
+  for (size_t i = 0; i < n; i += kChunk) {
+    const size_t m = std::min(kChunk, n - i);
+    convert_to_f32(buf, static_cast<const uint8_t*>(src) + i * dtype_size(src_dtype), src_dtype, m);
+    if (dst == DType::bf16) {
+      for (size_t k = 0; k < m; ++k) o[i + k] = f32_to_bf16(buf[k]);
+    } else {
+      for (size_t k = 0; k < m; ++k) {
+        const __half h = __float2half_rn(buf[k]);
+        std::memcpy(&o[i + k], &h, 2);
+      }
+    }
+  }
+  return out;
+}
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(const BackendOptions& o) : ctx_(std::make_shared<cuda::Context>()) {
+    const int n = cuda_device_count();
+    QUILT_REQUIRE(n > 0, "backend 'cuda': no CUDA device is visible to this process");
+    QUILT_REQUIRE(o.device >= 0 && o.device < n, "backend 'cuda': device ", o.device,
+                  " requested but ", n, " device(s) are visible");
+    const DType dt = o.compute_dtype.value_or(DType::bf16);
+    QUILT_REQUIRE(dt == DType::bf16 || dt == DType::f32 || dt == DType::f16,
+                  "backend 'cuda': compute dtype must be bf16, f16 or f32, not ", dtype_name(dt));
+    cuda::Context& c = *ctx_;
+    c.device = o.device;
+    c.dtype = dt;
+    cuda::check(cudaSetDevice(c.device), "init: cudaSetDevice");
+    cuda::check(cudaStreamCreateWithFlags(&c.stream, cudaStreamNonBlocking), "init: stream");
+    // Keep freed blocks in the stream-ordered pool instead of returning them to the driver at
+    // every synchronisation: steps then allocate without touching the driver.
+    cudaMemPool_t pool;
+    cuda::check(cudaDeviceGetDefaultMemPool(&pool, c.device), "init: memory pool");
+    uint64_t keep = UINT64_MAX;
+    cuda::check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "init: memory pool");
+    cuda::check_cublas(cublasCreate(&c.cublas), "init: cublasCreate");
+    cuda::check_cublas(cublasSetStream(c.cublas, c.stream), "init: cublasSetStream");
+    cuda::check(cudaMalloc(&c.workspace, kCublasWorkspace), "init: cuBLAS workspace");
+    c.workspace_bytes = kCublasWorkspace;
+    cuda::check_cublas(cublasSetWorkspace(c.cublas, c.workspace, c.workspace_bytes), "init: cublasSetWorkspace");
+    // f32 must match the CPU: no TF32. bf16/f16: fp32 accumulation, and no split-K reduction in
+    // the 16-bit output type.
+    const cublasMath_t math = dt == DType::f32
+                                  ? CUBLAS_PEDANTIC_MATH
+                                  : static_cast<cublasMath_t>(CUBLAS_DEFAULT_MATH |
+                                                              CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION);
+    cuda::check_cublas(cublasSetMathMode(c.cublas, math), "init: cublasSetMathMode");
+  }
+
+  std::string name() const override { return "cuda"; }
+  Device device() const override { return Device::cuda; }
+  DType compute_dtype() const override { return ctx_->dtype; }
+
+  Tensor empty(const std::vector<int64_t>& shape, DType dtype) override {
+    Tensor probe(nullptr, nullptr, dtype, Device::cuda, shape);
+    const size_t bytes = std::max<size_t>(probe.bytes(), 256);
+    void* p = nullptr;
+    set_device();
+    const cudaError_t e = cudaMallocAsync(&p, bytes, ctx_->stream);
+    if (e != cudaSuccess) {
+      cudaGetLastError();  // an allocation failure is not sticky; clear it
+      QUILT_FAIL("cuda backend: out of GPU memory allocating ", probe.describe(), " (",
+                 bytes >> 20, " MiB): ", cudaGetErrorString(e));
+    }
+    std::shared_ptr<cuda::Context> ctx = ctx_;
+    std::shared_ptr<void> storage(p, [ctx](void* q) {
+      cudaSetDevice(ctx->device);
+      cudaFreeAsync(q, ctx->stream);
+    });
+    return Tensor(storage, p, dtype, Device::cuda, shape);
+  }
+  Tensor zeros(const std::vector<int64_t>& shape, DType dtype) override {
+    Tensor t = empty(shape, dtype);
+    if (t.numel()) cuda::check(cudaMemsetAsync(t.data(), 0, t.bytes(), ctx_->stream), "zeros");
+    return t;
+  }
+  Tensor from_host(const void* src, DType src_dtype, const std::vector<int64_t>& shape) override {
+    QUILT_ASSERT(src_dtype == DType::f32 || src_dtype == DType::f16 || src_dtype == DType::bf16);
+    Tensor t = empty(shape, ctx_->dtype);
+    if (t.numel() == 0) return t;
+    const std::vector<uint8_t> host = convert_host(src, src_dtype, ctx_->dtype, t.numel());
+    upload(t, host.data(), "from_host");
+    return t;
+  }
+  Tensor from_host_i32(const int32_t* src, const std::vector<int64_t>& shape) override {
+    Tensor t = empty(shape, DType::i32);
+    if (t.numel()) upload(t, src, "from_host_i32");
+    return t;
+  }
+  void to_host_f32(float* dst, const Tensor& src) override {
+    QUILT_ASSERT(src.device() == Device::cuda && src.dtype() != DType::i32, "to_host_f32 of ", src.describe());
+    if (src.numel() == 0) return;
+    set_device();
+    if (src.dtype() == DType::f32) {
+      cuda::check(cudaMemcpyAsync(dst, src.data(), src.bytes(), cudaMemcpyDeviceToHost, ctx_->stream), "to_host_f32");
+      cuda::check(cudaStreamSynchronize(ctx_->stream), "to_host_f32");
+      return;
+    }
+    std::vector<uint16_t> raw(src.numel());
+    cuda::check(cudaMemcpyAsync(raw.data(), src.data(), src.bytes(), cudaMemcpyDeviceToHost, ctx_->stream), "to_host_f32");
+    cuda::check(cudaStreamSynchronize(ctx_->stream), "to_host_f32");
+    convert_to_f32(dst, raw.data(), src.dtype(), raw.size());
+  }
+  void copy(Tensor& dst, const Tensor& src) override {
+    QUILT_ASSERT(dst.bytes() == src.bytes() && dst.dtype() == src.dtype() &&
+                 dst.device() == Device::cuda && src.device() == Device::cuda);
+    if (src.numel() == 0) return;
+    set_device();
+    cuda::check(cudaMemcpyAsync(dst.data(), src.data(), src.bytes(), cudaMemcpyDeviceToDevice, ctx_->stream), "copy");
+  }
+
+  void embedding(Tensor& out, const Tensor& table, const Tensor& ids, int64_t vocab_start,
+                 float scale) override {
+    set_device();
+    cuda::embedding(*ctx_, out, table, ids, vocab_start, scale);
+  }
+  void rms_norm(Tensor& out, const Tensor& x, const Tensor& w, float eps) override {
+    set_device();
+    cuda::rms_norm(*ctx_, out, x, w, eps);
+  }
+  void add_rms_norm(Tensor& residual, Tensor& out, const Tensor& x, const Tensor& w,
+                    float eps) override {
+    set_device();
+    cuda::add_rms_norm(*ctx_, residual, out, x, w, eps);
+  }
+  void matmul(Tensor& y, const Tensor& x, const Tensor& w, bool accumulate) override {
+    set_device();
+    cuda::matmul(*ctx_, y, x, w, accumulate);
+  }
+  void rope(Tensor& qkv, const Tensor& positions, const RopeParams& p) override {
+    set_device();
+    cuda::rope(*ctx_, qkv, positions, p);
+  }
+  void write_kv_cache(Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, const Tensor& slots,
+                      const KvWriteParams& p) override {
+    set_device();
+    cuda::write_kv_cache(*ctx_, k_cache, v_cache, qkv, slots, p);
+  }
+  void paged_attention(Tensor& out, const Tensor& qkv, const Tensor& k_cache,
+                       const Tensor& v_cache, const Tensor& cu_seqlens, const Tensor& seqlens,
+                       const Tensor& block_tables, const AttentionParams& p) override {
+    set_device();
+    cuda::paged_attention(*ctx_, out, qkv, k_cache, v_cache, cu_seqlens, seqlens, block_tables, p);
+  }
+  void gelu_tanh_mul(Tensor& out, const Tensor& gate_up) override {
+    set_device();
+    cuda::gelu_tanh_mul(*ctx_, out, gate_up);
+  }
+  void gather_rows(Tensor& out, const Tensor& x, const Tensor& indices) override {
+    set_device();
+    cuda::gather_rows(*ctx_, out, x, indices);
+  }
+  // Layout (backend-private): [num_blocks * block_size slots, num_kv_heads, head_dim], as the CPU.
+  Tensor kv_cache_tensor(int64_t num_blocks, int block_size, int num_kv_heads,
+                         int head_dim) override {
+    return zeros({num_blocks * block_size, num_kv_heads, head_dim}, ctx_->dtype);
+  }
+
+  void synchronize() {
+    set_device();
+    cuda::check(cudaStreamSynchronize(ctx_->stream), "synchronize");
+  }
+  void fill_normal(Tensor& t, uint64_t seed, float stddev) {
+    set_device();
+    cuda::fill_normal(*ctx_, t, seed, stddev);
+  }
+
+ private:
+  // The current device is per host thread; the worker's actor thread may not be the one that
+  // made the backend.
+  void set_device() { cuda::check(cudaSetDevice(ctx_->device), "cudaSetDevice"); }
+  // Pageable source: the copy is complete (and `src` reusable) when this returns.
+  void upload(Tensor& t, const void* src, const char* op) {
+    set_device();
+    cuda::check(cudaMemcpyAsync(t.data(), src, t.bytes(), cudaMemcpyHostToDevice, ctx_->stream), op);
+    cuda::check(cudaStreamSynchronize(ctx_->stream), op);
+  }
+
+  std::shared_ptr<cuda::Context> ctx_;
+};
+
+CudaBackend& as_cuda(Backend& b) {
+  auto* c = dynamic_cast<CudaBackend*>(&b);
+  QUILT_REQUIRE(c != nullptr, "backend '", b.name(), "' is not the cuda backend");
+  return *c;
+}
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(const BackendOptions& options) {
+  return std::make_unique<CudaBackend>(options);
+}
+
+void cuda_synchronize(Backend& backend) { as_cuda(backend).synchronize(); }
+
+void cuda_fill_normal(Backend& backend, Tensor& t, uint64_t seed, float stddev) {
+  as_cuda(backend).fill_normal(t, seed, stddev);
 }
 
 }  // namespace quilt

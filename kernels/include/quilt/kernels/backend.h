@@ -4,6 +4,7 @@
 // Ops never allocate and never exit: a shape mismatch is our bug (QUILT_ASSERT).
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,7 +56,8 @@ class Backend {
 
   // ---- ops ---------------------------------------------------------------------------------
   // out[T, H] = table[ids[t] - vocab_start] * scale, or 0 when ids[t] is outside this shard
-  // (vocab-parallel embedding; the caller all-reduces).
+  // (vocab-parallel embedding; the caller all-reduces). A backend whose compute_dtype() is
+  // narrower than f32 rounds `scale` to that dtype first, as the reference model does.
   virtual void embedding(Tensor& out,          // [T, H]
                          const Tensor& table,  // [V_local, H]
                          const Tensor& ids,    // [T] i32
@@ -119,8 +121,15 @@ class Backend {
                                  int head_dim) = 0;
 };
 
+struct BackendOptions {
+  // Storage dtype of weights, activations and the KV cache. Unset: the backend's default (cpu: f32,
+  // the only one it has; cuda: bf16, with f32 for exactness checks and f16 as options).
+  std::optional<DType> compute_dtype;
+  int device = 0;  // GPU ordinal for the cuda backend (one GPU per process)
+};
+
 // Implemented in backend_factory.cpp, the one place that knows which backends were compiled.
-std::unique_ptr<Backend> make_backend(const std::string& name);
+std::unique_ptr<Backend> make_backend(const std::string& name, const BackendOptions& options = {});
 std::vector<std::string> compiled_backends();
 
 }  // namespace quilt

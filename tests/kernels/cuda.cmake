@@ -1,0 +1,11 @@
+# CUDA suites (label `cuda`), included by tests/CMakeLists.txt when the CUDA backend is compiled.
+# They run on the GPU machine; without a visible GPU every test reports as skipped.
+quilt_test(test_cuda_ops SOURCES kernels/test_cuda_ops.cpp LABELS cuda)
+quilt_test(test_golden_cuda SOURCES model/test_golden_cuda.cpp model/fixtures.cpp LABELS cuda)
+# Without a GPU the binaries exit 0 with every case skipped: have ctest say "skipped" too. The
+# message is printed only when no device is visible, so it cannot hide a failure on the GPU.
+set_tests_properties(test_cuda_ops test_golden_cuda PROPERTIES SKIP_REGULAR_EXPRESSION "no CUDA device visible")
+
+# Decode timing on random weights generated on the GPU (launch/experiments/cuda-stage1.md).
+add_executable(bench_cuda_decode ${PROJECT_SOURCE_DIR}/launch/experiments/bench_cuda_decode.cpp)
+target_link_libraries(bench_cuda_decode PRIVATE quilt_kernels quilt_core)
