@@ -7,6 +7,10 @@
 
 namespace quilt {
 
+void Backend::lora_sgmv(Tensor&, const Tensor&, const std::vector<LoraSegment>&, int64_t) {
+  QUILT_FAIL("backend '", name(), "' has no LoRA kernel yet: serve adapters with the cpu backend");
+}
+
 std::vector<std::string> compiled_backends() {
 #ifdef QUILT_HAVE_CUDA
   return {"cpu", "cuda"};

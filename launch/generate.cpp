@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "model/gemma_model.h"
 #include "model/greedy.h"
@@ -60,7 +61,15 @@ int run_generate(const GenerateOptions& opt, MPI_Comm comm) {
     log::info("loaded ", ckpt.total_bytes() / (1 << 20), " MiB from ", ckpt.num_files(), " file(s) in ",
               std::chrono::duration<double>(t1 - t0).count(), " s");
 
-  const GreedyResult r = greedy_generate(model, ids, opt.max_new_tokens, cfg.eos_token_ids);
+  std::optional<LoraAdapterShard> adapter;
+  if (!opt.adapter_dir.empty()) {
+    const HostLoraAdapter host = HostLoraAdapter::load(opt.adapter_dir, fs::path(opt.adapter_dir).filename().string(), cfg);
+    adapter = model.load_adapter(host);
+    if (rank == 0)
+      log::info("adapter '", host.name, "': max rank ", host.max_rank, ", ", host.host_bytes() >> 10, " KiB");
+  }
+  const GreedyResult r = greedy_generate(model, ids, opt.max_new_tokens, load_eos_ids(opt.model_dir, cfg),
+                                         adapter ? &*adapter : nullptr);
   const auto t2 = std::chrono::steady_clock::now();
   if (rank != 0) return 0;
   log::info("generated ", r.greedy_ids.size(), " tokens in ",
@@ -70,9 +79,9 @@ int run_generate(const GenerateOptions& opt, MPI_Comm comm) {
             r.decode_steps, " steps (backend ", opt.backend, ", tp ", tp.size(), ")");
 
   std::vector<int> shown;
+  const std::vector<int> eos = load_eos_ids(opt.model_dir, cfg);
   for (int id : r.greedy_ids)
-    if (std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), id) == cfg.eos_token_ids.end())
-      shown.push_back(id);
+    if (std::find(eos.begin(), eos.end(), id) == eos.end()) shown.push_back(id);
   const std::string text = tok->decode(shown);
   if (opt.json) {
     nlohmann::json j;

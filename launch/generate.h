@@ -11,6 +11,7 @@ struct GenerateOptions {
   int max_new_tokens = 32;
   bool json = false;
   std::string backend = "cpu";
+  std::string adapter_dir;  // a PEFT LoRA adapter folder; empty = the base model
 };
 
 // `quilt generate`: the ranks of `comm` form one tensor-parallel group; rank 0 tokenizes and

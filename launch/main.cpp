@@ -23,6 +23,8 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(CLI::NonNegativeNumber);
   g->add_flag("--json", gen.json, "Print one JSON object: prompt_ids, prompt_logprobs, greedy_ids, greedy_logprobs, text");
   g->add_option("--backend", gen.backend, "cpu or cuda")->capture_default_str();
+  g->add_option("--adapter", gen.adapter_dir, "PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors)")
+      ->check(CLI::ExistingDirectory);
 
   try {
     app.parse(argc, argv);

@@ -18,6 +18,12 @@ KvCache GemmaForCausalLM::allocate_kv_cache(int num_blocks, int block_size) {
                            cfg_.head_dim);
 }
 
+LoraAdapterShard GemmaForCausalLM::load_adapter(const HostLoraAdapter& adapter) {
+  QUILT_REQUIRE(adapter.layers.size() == static_cast<size_t>(cfg_.num_hidden_layers), "adapter '", adapter.name,
+                "' was read for a model of ", adapter.layers.size(), " layers, not ", cfg_.num_hidden_layers);
+  return shard_lora_adapter(adapter, cfg_, tp_, be_);
+}
+
 ForwardOutput GemmaForCausalLM::forward(const ForwardInputs& in, KvCache& kv) {
   const int64_t T = static_cast<int64_t>(in.input_ids.size());
   const int64_t S = static_cast<int64_t>(in.seqlen.size());
@@ -31,7 +37,16 @@ ForwardOutput GemmaForCausalLM::forward(const ForwardInputs& in, KvCache& kv) {
                 "forward: block_tables must be [S, max_blocks_per_seq]");
   QUILT_REQUIRE(in.prefill_cache_indices.empty(),
                 "forward: prefill_cache_indices is for sliding-window models; Gemma has none");
-  QUILT_REQUIRE(in.adapter_data.empty(), "forward: LoRA adapters are not supported yet");
+  int32_t last_end = -1;
+  std::vector<AdapterSegment> segments = in.adapter_data.segments;
+  std::sort(segments.begin(), segments.end(), [](const auto& a, const auto& b) { return a.row_begin < b.row_begin; });
+  for (const auto& seg : segments) {
+    QUILT_REQUIRE(seg.adapter && seg.adapter->layers.size() == static_cast<size_t>(cfg_.num_hidden_layers),
+                  "forward: an adapter segment has no adapter for this model");
+    QUILT_REQUIRE(seg.row_begin >= 0 && seg.row_begin <= seg.row_end && seg.row_end <= T && seg.row_begin >= last_end,
+                  "forward: adapter segments must be disjoint row ranges inside the batch");
+    last_end = seg.row_end;
+  }
   for (int64_t s = 0; s < S; ++s) {
     const int32_t q = in.cu_seqlen_prefill[s + 1] - in.cu_seqlen_prefill[s];
     QUILT_REQUIRE(q >= 0 && q <= in.seqlen[s], "forward: sequence ", s, " has ", q,
@@ -75,20 +90,42 @@ ForwardOutput GemmaForCausalLM::forward(const ForwardInputs& in, KvCache& kv) {
                            in.max_blocks_per_seq, static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)))};
   const float eps = cfg_.rms_norm_eps;
 
+  // LoRA segments of one module in one layer.
+  auto lora = [&](int l, LoraTarget t) {
+    std::vector<LoraSegment> out;
+    for (const auto& seg : segments)
+      if (const auto& m = seg.adapter->layers[l][static_cast<int>(t)])
+        out.push_back(LoraSegment{seg.row_begin, seg.row_end, &m->A, &m->B});
+    return out;
+  };
+  auto apply = [&](Tensor& y, const Tensor& xin, int l, LoraTarget t, int64_t col) {
+    if (segments.empty()) return;
+    const auto segs = lora(l, t);
+    if (!segs.empty()) be_.lora_sgmv(y, xin, segs, col);
+  };
+  const int64_t q_w = static_cast<int64_t>(tp_.q_heads) * D, kv_w = static_cast<int64_t>(tp_.kv_heads) * D;
+
   be_.rms_norm(normed, x, w_.layers[0].input_norm, eps);
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
     const LayerWeights& L = w_.layers[l];
     be_.matmul(qkv, normed, L.qkv, false);
+    apply(qkv, normed, l, LoraTarget::q, 0);
+    apply(qkv, normed, l, LoraTarget::k, q_w);
+    apply(qkv, normed, l, LoraTarget::v, q_w + kv_w);
     be_.rope(qkv, pos, rope);
     be_.write_kv_cache(kv.k[l], kv.v[l], qkv, slots, kvw);
     be_.paged_attention(attn, qkv, kv.k[l], kv.v[l], cu, lens, tables, ap);
     be_.matmul(proj, attn, L.o, false);
+    apply(proj, attn, l, LoraTarget::o, 0);  // the rank's partial joins the all-reduce
     comm_.all_reduce_sum(proj);
     be_.add_rms_norm(x, normed, proj, L.post_norm, eps);
 
     be_.matmul(gate_up, normed, L.gate_up, false);
+    apply(gate_up, normed, l, LoraTarget::gate, 0);
+    apply(gate_up, normed, l, LoraTarget::up, tp_.intermediate);
     be_.gelu_tanh_mul(act, gate_up);
     be_.matmul(proj, act, L.down, false);
+    apply(proj, act, l, LoraTarget::down, 0);
     comm_.all_reduce_sum(proj);
     const Tensor& next_norm = l + 1 < cfg_.num_hidden_layers ? w_.layers[l + 1].input_norm : w_.final_norm;
     be_.add_rms_norm(x, normed, proj, next_norm, eps);

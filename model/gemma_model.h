@@ -5,15 +5,23 @@
 
 #include "model/gemma_config.h"
 #include "model/kv_cache.h"
+#include "model/lora_adapter.h"
 #include "model/weights.h"
 #include "quilt/kernels/backend.h"
 #include "runtime/comm/communicator.h"
 
 namespace quilt {
 
-// Placeholder for the multi-LoRA issue: which rows use which adapter slot. Empty = base model.
+// Which rows use which LoRA adapter. Rows in no segment run the base model alone; segments are
+// disjoint row ranges (a sequence's rows are contiguous, so one segment per sequence works, and
+// neighbouring sequences of one adapter may share one).
+struct AdapterSegment {
+  int32_t row_begin = 0, row_end = 0;
+  const LoraAdapterShard* adapter = nullptr;  // this rank's shard, loaded by the caller
+};
 struct AdapterData {
-  bool empty() const { return true; }
+  std::vector<AdapterSegment> segments;
+  bool empty() const { return segments.empty(); }
 };
 
 // The seed's forward contract, one field per argument. A batch mixes prefill and decode
@@ -49,6 +57,8 @@ class GemmaForCausalLM {
   ForwardOutput forward(const ForwardInputs& in, KvCache& kv_cache);
 
   KvCache allocate_kv_cache(int num_blocks, int block_size = 16);
+  // Shards a host adapter for this rank onto this model's backend (checked against the model).
+  LoraAdapterShard load_adapter(const HostLoraAdapter& adapter);
   const GemmaConfig& config() const { return cfg_; }
   const TpLayout& tp() const { return tp_; }
 

@@ -21,7 +21,8 @@ int argmax(const float* row, int64_t vocab) {
 }
 
 GreedyResult greedy_generate(GemmaForCausalLM& model, const std::vector<int>& prompt_ids,
-                             int max_new_tokens, const std::vector<int>& eos_ids) {
+                             int max_new_tokens, const std::vector<int>& eos_ids,
+                             const LoraAdapterShard* adapter) {
   const GemmaConfig& c = model.config();
   const int64_t V = c.vocab_size;
   const int P = static_cast<int>(prompt_ids.size());
@@ -49,6 +50,7 @@ GreedyResult greedy_generate(GemmaForCausalLM& model, const std::vector<int>& pr
   in.max_blocks_per_seq = static_cast<int>(table.size());
   in.seqlen = {P};
   in.max_s = P;
+  if (adapter) in.adapter_data.segments = {AdapterSegment{0, P, adapter}};
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
   ForwardOutput out = model.forward(in, kv);  // logits for every prompt row
@@ -76,6 +78,7 @@ GreedyResult greedy_generate(GemmaForCausalLM& model, const std::vector<int>& pr
     d.max_blocks_per_seq = static_cast<int>(table.size());
     d.seqlen = {ctx + 1};
     d.max_s = ctx + 1;
+    if (adapter) d.adapter_data.segments = {AdapterSegment{0, 1, adapter}};
     const auto t1 = clock::now();
     ForwardOutput o = model.forward(d, kv);
     r.decode_seconds += std::chrono::duration<double>(clock::now() - t1).count();

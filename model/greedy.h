@@ -25,7 +25,9 @@ double token_logprob(const float* row, int64_t vocab, int id);
 // Index of the largest value; the first one on ties (as torch.argmax).
 int argmax(const float* row, int64_t vocab);
 
+// With `adapter`, every row runs through that LoRA adapter (this rank's shard).
 GreedyResult greedy_generate(GemmaForCausalLM& model, const std::vector<int>& prompt_ids,
-                             int max_new_tokens, const std::vector<int>& eos_ids);
+                             int max_new_tokens, const std::vector<int>& eos_ids,
+                             const LoraAdapterShard* adapter = nullptr);
 
 }  // namespace quilt

@@ -79,6 +79,10 @@ class CpuBackend final : public Backend {
   void gather_rows(Tensor& out, const Tensor& x, const Tensor& indices) override {
     cpu::gather_rows(out, x, indices);
   }
+  void lora_sgmv(Tensor& y, const Tensor& x, const std::vector<LoraSegment>& segments,
+                 int64_t col_offset) override {
+    cpu::lora_sgmv(y, x, segments, col_offset);
+  }
   Tensor kv_cache_tensor(int64_t num_blocks, int block_size, int num_kv_heads,
                          int head_dim) override {
     return zeros({num_blocks * block_size, num_kv_heads, head_dim}, DType::f32);

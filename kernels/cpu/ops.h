@@ -17,5 +17,6 @@ void paged_attention(Tensor& out, const Tensor& qkv, const Tensor& k_cache, cons
                      const AttentionParams& p);
 void gelu_tanh_mul(Tensor& out, const Tensor& gate_up);
 void gather_rows(Tensor& out, const Tensor& x, const Tensor& indices);
+void lora_sgmv(Tensor& y, const Tensor& x, const std::vector<LoraSegment>& segments, int64_t col_offset);
 
 }  // namespace quilt::cpu

@@ -27,8 +27,9 @@ class BatchRunner {
 
   // One forward step: `work` maps sequence -> number of its next tokens to feed. Returns, per
   // sequence, the logits rows of the fed tokens ([n, V] flattened).
-  std::map<int, std::vector<float>> step(const std::vector<std::pair<int, int>>& work) {
+  std::map<int, std::vector<float>> step(const std::vector<std::pair<int, int>>& work, AdapterData adapters = {}) {
     ForwardInputs in;
+    in.adapter_data = std::move(adapters);
     in.cu_seqlen_prefill.push_back(0);
     int max_blocks = 0;
     for (auto [s, n] : work) max_blocks = std::max(max_blocks, (seqs_[s].done + n + bs_ - 1) / bs_);

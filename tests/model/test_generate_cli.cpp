@@ -59,6 +59,24 @@ TEST(GenerateCli, ReproducesFixturesAtOneAndTwoRanks) {
   }
 }
 
+TEST(GenerateCli, AdapterReproducesPeftAtOneAndTwoRanks) {
+  for (const auto& f : quilt::testing::load_fixtures()) {
+    for (int np : {1, 2}) {
+      for (const auto& c : f.cases) {
+        if (!c.adapter || c.prompt_ids.size() > 60) continue;  // the short and medium prompts
+        const CmdResult r = run(mpiexec(np) + QUILT_BINARY + " generate --json --model " + quote(f.dir) + " --adapter " +
+                                quote(f.dir + "/adapters/" + *c.adapter) + " --prompt " + quote(c.prompt) +
+                                " --max-new-tokens " + std::to_string(f.max_new_tokens));
+        ASSERT_EQ(r.status, 0) << r.out;
+        const auto j = nlohmann::json::parse(r.out);
+        EXPECT_EQ(j["greedy_ids"].get<std::vector<int>>(), c.greedy_ids) << f.name << " " << *c.adapter << " np=" << np;
+        for (size_t i = 1; i < c.prompt_logprobs.size(); ++i)
+          EXPECT_NEAR(j["prompt_logprobs"][i].get<double>(), *c.prompt_logprobs[i], 1e-3) << f.name << " " << *c.adapter;
+      }
+    }
+  }
+}
+
 TEST(GenerateCli, BadModelFolderIsAClearErrorNotACrash) {
   const CmdResult r = run(std::string(QUILT_BINARY) + " generate --json --model /tmp --prompt hi 2>&1");
   EXPECT_NE(r.status, 0);

@@ -35,6 +35,13 @@ struct AttentionParams {
   float scale = 1.f;           // softmax scale, head_dim^-0.5 for Gemma
 };
 
+// One adapter's rows in a LoRA op: rows [row_begin, row_end) of x and y use factors A and B.
+struct LoraSegment {
+  int32_t row_begin = 0, row_end = 0;
+  const Tensor* A = nullptr;  // [r, K]
+  const Tensor* B = nullptr;  // [N, r], the scale folded in
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -114,6 +121,14 @@ class Backend {
   virtual void gather_rows(Tensor& out,             // [M, H]
                            const Tensor& x,         // [T, H]
                            const Tensor& indices) = 0;  // [M] i32
+
+  // Multi-LoRA (SGMV): for each segment, y[rows, col_offset : col_offset + N] += (x[rows] A^T) B^T
+  // with an fp32 intermediate. Rows in no segment (the base model's) are untouched. A backend
+  // without a LoRA kernel refuses with a clear error.
+  virtual void lora_sgmv(Tensor& y,                                // [T, >= col_offset + N]
+                         const Tensor& x,                          // [T, K]
+                         const std::vector<LoraSegment>& segments,
+                         int64_t col_offset);
 
   // KV cache storage for one layer: k and v, each num_blocks * block_size slots of
   // num_kv_heads * head_dim values, in the backend's own layout.
