@@ -5,6 +5,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <tuple>
 #include <sstream>
 
 #include "model/safetensors.h"
@@ -211,52 +212,51 @@ HostLoraAdapter HostLoraAdapter::load(const std::string& dir, const std::string&
   return a;
 }
 
+std::pair<int64_t, int64_t> lora_local_dims(LoraTarget t, const GemmaConfig& c, const TpLayout& tp) {
+  const int64_t H = c.hidden_size, D = c.head_dim;
+  switch (t) {
+    case LoraTarget::q: return {H, tp.q_heads * D};
+    case LoraTarget::k: case LoraTarget::v: return {H, tp.kv_heads * D};
+    case LoraTarget::o: return {tp.q_heads * D, H};
+    case LoraTarget::gate: case LoraTarget::up: return {H, tp.intermediate};
+    case LoraTarget::down: return {tp.intermediate, H};
+  }
+  return {0, 0};
+}
+
+HostModuleShard shard_lora_module(const HostLoraModule& m, LoraTarget t, const GemmaConfig& c, const TpLayout& tp) {
+  const int64_t D = c.head_dim, r = m.rank;
+  HostModuleShard s;
+  s.rank = m.rank;
+  std::tie(s.in, s.out) = lora_local_dims(t, c, tp);
+  auto rows_of_B = [&](int64_t r0) { s.B.assign(m.B.begin() + r0 * r, m.B.begin() + (r0 + s.out) * r); };
+  auto cols_of_A = [&](int64_t c0) {
+    s.A.resize(static_cast<size_t>(r * s.in));
+    for (int64_t i = 0; i < r; ++i) std::copy_n(m.A.data() + i * m.in + c0, s.in, s.A.data() + i * s.in);
+  };
+  switch (t) {
+    case LoraTarget::q: s.A = m.A; rows_of_B(tp.q_head_begin * D); break;
+    case LoraTarget::k: case LoraTarget::v: s.A = m.A; rows_of_B(tp.kv_head_begin * D); break;
+    case LoraTarget::gate: case LoraTarget::up: s.A = m.A; rows_of_B(tp.intermediate_begin); break;
+    case LoraTarget::o: cols_of_A(tp.q_head_begin * D); s.B = m.B; break;
+    case LoraTarget::down: cols_of_A(tp.intermediate_begin); s.B = m.B; break;
+  }
+  return s;
+}
+
 LoraAdapterShard shard_lora_adapter(const HostLoraAdapter& a, const GemmaConfig& c, const TpLayout& tp, Backend& be) {
   LoraAdapterShard s;
   s.name = a.name;
   s.layers.resize(a.layers.size());
-  const int64_t D = c.head_dim;
   for (size_t l = 0; l < a.layers.size(); ++l) {
     for (int ti = 0; ti < kNumLoraTargets; ++ti) {
       const auto& m = a.layers[l][ti];
       if (!m) continue;
-      const LoraTarget t = static_cast<LoraTarget>(ti);
-      const int64_t r = m->rank;
+      const HostModuleShard h = shard_lora_module(*m, static_cast<LoraTarget>(ti), c, tp);
       LoraModuleShard out;
-      out.rank = m->rank;
-      auto rows_of_B = [&](int64_t r0, int64_t r1) {
-        return be.from_host(m->B.data() + r0 * r, DType::f32, {r1 - r0, r});
-      };
-      auto cols_of_A = [&](int64_t c0, int64_t c1) {
-        std::vector<float> buf(static_cast<size_t>(r * (c1 - c0)));
-        for (int64_t i = 0; i < r; ++i)
-          std::copy_n(m->A.data() + i * m->in + c0, c1 - c0, buf.data() + i * (c1 - c0));
-        return be.from_host(buf.data(), DType::f32, {r, c1 - c0});
-      };
-      switch (t) {
-        case LoraTarget::q:
-          out.A = be.from_host(m->A.data(), DType::f32, {r, m->in});
-          out.B = rows_of_B(tp.q_head_begin * D, (tp.q_head_begin + tp.q_heads) * D);
-          break;
-        case LoraTarget::k:
-        case LoraTarget::v:
-          out.A = be.from_host(m->A.data(), DType::f32, {r, m->in});
-          out.B = rows_of_B(tp.kv_head_begin * D, (tp.kv_head_begin + tp.kv_heads) * D);
-          break;
-        case LoraTarget::gate:
-        case LoraTarget::up:
-          out.A = be.from_host(m->A.data(), DType::f32, {r, m->in});
-          out.B = rows_of_B(tp.intermediate_begin, tp.intermediate_begin + tp.intermediate);
-          break;
-        case LoraTarget::o:
-          out.A = cols_of_A(tp.q_head_begin * D, (tp.q_head_begin + tp.q_heads) * D);
-          out.B = be.from_host(m->B.data(), DType::f32, {m->out, r});
-          break;
-        case LoraTarget::down:
-          out.A = cols_of_A(tp.intermediate_begin, tp.intermediate_begin + tp.intermediate);
-          out.B = be.from_host(m->B.data(), DType::f32, {m->out, r});
-          break;
-      }
+      out.rank = h.rank;
+      out.A = be.from_host(h.A.data(), DType::f32, {h.rank, h.in});
+      out.B = be.from_host(h.B.data(), DType::f32, {h.out, h.rank});
       s.device_bytes += out.A.bytes() + out.B.bytes();
       s.layers[l][ti] = std::move(out);
     }

@@ -75,6 +75,16 @@ struct LoraAdapterShard {
   size_t device_bytes = 0;
 };
 
+// One module's part for a tensor-parallel rank, on the host: A [rank, in_local], B [out_local, rank].
+struct HostModuleShard {
+  int rank = 0;
+  int64_t in = 0, out = 0;  // local sizes
+  std::vector<float> A, B;
+};
+// The (in, out) sizes of a target's weight on one rank.
+std::pair<int64_t, int64_t> lora_local_dims(LoraTarget t, const GemmaConfig& c, const TpLayout& tp);
+HostModuleShard shard_lora_module(const HostLoraModule& m, LoraTarget t, const GemmaConfig& c, const TpLayout& tp);
+
 LoraAdapterShard shard_lora_adapter(const HostLoraAdapter& a, const GemmaConfig& c, const TpLayout& tp,
                                     Backend& be);
 

@@ -27,9 +27,9 @@ SamplingParams to_sampler_params(const messages::SamplingParams& m) {
 }
 
 ModelRunner::ModelRunner(GemmaForCausalLM& model, int num_kv_blocks, int block_size,
-                         std::vector<int> eos_ids, int replica)
+                         std::vector<int> eos_ids, int replica, const AdapterStore* adapters)
     : model_(model), kv_(model.allocate_kv_cache(num_kv_blocks, block_size)), eos_(std::move(eos_ids)),
-      replica_(replica) {}
+      replica_(replica), adapters_(adapters) {}
 
 std::string ModelRunner::check(const messages::StepPlan& plan) const {
   for (const auto& s : plan.sequences) {
@@ -49,6 +49,9 @@ std::string ModelRunner::check(const messages::StepPlan& plan) const {
       return "request " + std::to_string(s.request_id) + ": block table too short";
     for (int32_t b : s.block_table)
       if (b < 0 || b >= kv_.num_blocks) return "request " + std::to_string(s.request_id) + ": block " + std::to_string(b) + " outside the cache";
+    if (s.adapter_slot != messages::kBaseAdapterSlot && (!adapters_ || !adapters_->slot(s.adapter_slot)))
+      return "request " + std::to_string(s.request_id) + ": adapter slot " + std::to_string(s.adapter_slot) +
+             " holds no adapter";
     for (int32_t t : s.input_tokens)
       if (t < 0 || t >= model_.config().vocab_size) return "request " + std::to_string(s.request_id) + ": token id " + std::to_string(t) + " outside the vocabulary";
   }
@@ -85,6 +88,14 @@ messages::StepResult ModelRunner::run(const messages::StepPlan& plan) {
       in.slots.push_back(s.block_table[pos / kv_.block_size] * kv_.block_size + pos % kv_.block_size);
     }
     const int32_t row0 = in.cu_seqlen_prefill.back();
+    if (s.adapter_slot != messages::kBaseAdapterSlot) {
+      const LoraAdapterShard* a = adapters_->slot(s.adapter_slot);
+      auto& segs = in.adapter_data.segments;
+      if (!segs.empty() && segs.back().adapter == a && segs.back().row_end == row0)
+        segs.back().row_end = row0 + n;  // neighbours of one adapter share a segment
+      else
+        segs.push_back(AdapterSegment{row0, row0 + n, a});
+    }
     first_row_of.push_back(static_cast<int32_t>(in.lm_head_indices.size()));
     if (prompt_lp) {
       for (int k = 0; k < n; ++k) in.lm_head_indices.push_back(row0 + k);

@@ -9,14 +9,16 @@
 
 #include "model/gemma_model.h"
 #include "runtime/messages/messages.h"
+#include "runtime/worker/adapter_store.h"
 #include "runtime/worker/sampler.h"
 
 namespace quilt {
 
 class ModelRunner {
  public:
+  // `adapters` (may be null: base model only) supplies the LoRA slots that rows name.
   ModelRunner(GemmaForCausalLM& model, int num_kv_blocks, int block_size, std::vector<int> eos_ids,
-              int replica);
+              int replica, const AdapterStore* adapters = nullptr);
 
   // Runs one plan. A plan that does not fit this runner's state (unknown request, bad block) or
   // a failing forward gives a result with `error` set and no sequence state changed.
@@ -41,6 +43,7 @@ class ModelRunner {
   std::vector<int> eos_;
   int replica_;
   std::unordered_map<uint64_t, Sequence> seqs_;
+  const AdapterStore* adapters_;
 };
 
 SamplingParams to_sampler_params(const messages::SamplingParams& p);

@@ -6,8 +6,38 @@
 
 namespace quilt {
 
-Worker::Worker(ModelRunner& runner, Transport& transport, WorkerOptions opt)
-    : runner_(runner), transport_(transport), opt_(opt) {}
+Worker::Worker(ModelRunner& runner, Transport& transport, WorkerOptions opt, AdapterStore* adapters)
+    : runner_(runner), transport_(transport), opt_(opt), adapters_(adapters) {}
+
+void Worker::on_load(const messages::LoadAdapter& m) {
+  if (!adapters_) {
+    messages::AdapterLoaded r{m.request_id, transport_.rank(), m.name, m.slot, false,
+                              "this worker has no adapter slots (adapters.slots is 0)", 0};
+    transport_.send(opt_.coordinator_rank, messages::encode(r));
+    return;
+  }
+  loads_.post(m);
+}
+
+void Worker::on_read(Read& r) {
+  messages::AdapterLoaded out;
+  out.request_id = r.req.request_id;
+  out.rank = transport_.rank();
+  out.name = r.req.name;
+  out.slot = r.req.slot;
+  out.error = r.error;
+  if (r.error.empty()) {
+    try {
+      adapters_->install(r.req.slot, *r.adapter);
+      out.ok = true;
+    } catch (const std::exception& e) {
+      out.error = e.what();
+    }
+  }
+  out.load_us = static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - r.started).count());
+  transport_.send(opt_.coordinator_rank, messages::encode(out));
+}
 
 void Worker::heartbeat(uint64_t seq) {
   messages::Heartbeat hb;
@@ -24,6 +54,17 @@ void Worker::heartbeat(uint64_t seq) {
 
 void Worker::run() {
   transport_.start([this](int, Bytes b) { inbox_.post(std::move(b)); });
+  std::thread loader([this] {
+    while (auto m = loads_.pop()) {
+      Read r{*m, nullptr, "", std::chrono::steady_clock::now()};
+      try {
+        r.adapter = adapters_->read(m->name, m->path);
+      } catch (const std::exception& e) {
+        r.error = e.what();
+      }
+      inbox_.post(std::move(r));
+    }
+  });
   std::atomic<bool> done{false};
   std::thread beat([&] {
     uint64_t seq = 0;
@@ -37,10 +78,15 @@ void Worker::run() {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
   });
-  while (auto bytes = inbox_.pop()) {
+  while (auto item = inbox_.pop()) {
+    if (auto* r = std::get_if<Read>(&*item)) {
+      on_read(*r);
+      continue;
+    }
+    const Bytes& bytes = std::get<Bytes>(*item);
     messages::Message m;
     try {
-      m = messages::decode(*bytes);
+      m = messages::decode(bytes);
     } catch (const std::exception& e) {
       log::error("worker: dropped a corrupt message: ", e.what());
       continue;
@@ -56,8 +102,18 @@ void Worker::run() {
       if (opt_.tp_rank == 0) transport_.send(opt_.coordinator_rank, messages::encode(r));
       continue;
     }
+    if (auto* load = std::get_if<messages::LoadAdapter>(&m)) {
+      on_load(*load);
+      continue;
+    }
+    if (auto* ev = std::get_if<messages::EvictAdapter>(&m)) {
+      if (adapters_ && ev->slot < adapters_->num_slots()) adapters_->evict(ev->slot);
+      continue;
+    }
     log::warn("worker: ignoring ", messages::type_name(m));
   }
+  loads_.close();
+  loader.join();
   done = true;
   beat.join();
   inbox_.close();

@@ -4,6 +4,8 @@
 // thread sends heartbeats so that the coordinator sees the worker even during long steps.
 #include <atomic>
 #include <chrono>
+#include <memory>
+#include <variant>
 
 #include "runtime/actor/mailbox.h"
 #include "runtime/transport/transport.h"
@@ -18,18 +20,30 @@ struct WorkerOptions {
   double heartbeat_interval_s = 1.0;
 };
 
+// Adapter loads read from disk on a loader thread (steps go on meanwhile) and are installed into
+// their slot on the worker's thread between steps; every rank answers AdapterLoaded.
 class Worker {
  public:
-  Worker(ModelRunner& runner, Transport& transport, WorkerOptions opt);
+  Worker(ModelRunner& runner, Transport& transport, WorkerOptions opt, AdapterStore* adapters = nullptr);
   // Runs until a Shutdown message arrives (or the transport's peer disappears); returns then.
   void run();
 
  private:
+  struct Read {  // a finished disk read, to install
+    messages::LoadAdapter req;
+    std::shared_ptr<const HostLoraAdapter> adapter;
+    std::string error;
+    std::chrono::steady_clock::time_point started;
+  };
   void heartbeat(uint64_t seq);
+  void on_load(const messages::LoadAdapter& m);
+  void on_read(Read& r);
   ModelRunner& runner_;
   Transport& transport_;
   WorkerOptions opt_;
-  Mailbox<Bytes> inbox_;
+  AdapterStore* adapters_;
+  Mailbox<std::variant<Bytes, Read>> inbox_;
+  Mailbox<messages::LoadAdapter> loads_;
   std::atomic<bool> busy_{false};
 };
 
