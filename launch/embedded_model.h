@@ -1,7 +1,5 @@
 #pragma once
-// The tiny random Gemma checkpoint compiled into `quilt`, served when no model is configured so
-// that the serve command works on a fresh machine. Its outputs are meaningless text; it exists
-// to try the API, not to answer questions.
+// Files compiled into `quilt`: the tokenizer of the tiny default model (launch/init_model.h).
 #include <cstddef>
 #include <string>
 #include <vector>
@@ -15,8 +13,5 @@ struct EmbeddedFile {
 };
 
 const std::vector<EmbeddedFile>& embedded_model_files();
-
-// Writes the embedded checkpoint into a fresh folder under the system's temp dir and returns it.
-std::string materialize_embedded_model();
 
 }  // namespace quilt

@@ -4,7 +4,16 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
+#include <unistd.h>
+
+#include <csignal>
+#include <filesystem>
+#include <thread>
+
 #include "launch/generate.h"
+#include "launch/init_model.h"
+#include "runtime/config/serve_config.h"
+#include "launch/serve.h"
 #include "runtime/core/log.h"
 
 int main(int argc, char** argv) {
@@ -26,12 +35,85 @@ int main(int argc, char** argv) {
   g->add_option("--adapter", gen.adapter_dir, "PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors)")
       ->check(CLI::ExistingDirectory);
 
+  quilt::ServeOptions serve;
+  auto* sv = app.add_subcommand("serve", "Run the serving job: under mpirun -np 1 + replicas x tensor_parallel, rank 0 "
+                                         "serves the LoRAX and OpenAI HTTP APIs, the other ranks are workers.");
+  sv->add_option("--config", serve.config_path, "YAML config (configs/README.md lists every key); default: all defaults")
+      ->check(CLI::ExistingFile);
+  sv->add_option("--model", serve.model_dir, "Checkpoint folder, overriding model.path (default: the embedded tiny model)")
+      ->check(CLI::ExistingDirectory);
+  sv->add_option("--host", serve.host, "Listen address, overriding http.host");
+  sv->add_option("--port", serve.port, "Listen port, overriding http.port (0: any free port)")->check(CLI::Range(0, 65535));
+  sv->add_flag("--print-config", serve.print_config, "Print the effective configuration and exit");
+
+  std::string init_dir;
+  uint64_t init_seed = 0;
+  auto* im = app.add_subcommand("init-model", "Write a tiny random Gemma checkpoint (Hugging Face layout, sentencepiece "
+                                              "tokenizer, two demo PEFT adapters under adapters/), deterministic by seed");
+  im->add_option("dir", init_dir, "Folder to write")->required();
+  im->add_option("--seed", init_seed, "Random seed")->capture_default_str();
+
+  std::string launch_config;
+  bool launch_dry = false;
+  std::vector<std::string> mpirun_args;
+  auto* ln = app.add_subcommand("launch", "Start the serving job of a config: computes the world size "
+                                          "(1 + replicas x tensor_parallel) and execs mpirun with it");
+  ln->add_option("config", launch_config, "YAML config")->required()->check(CLI::ExistingFile);
+  ln->add_flag("--dry-run", launch_dry, "Print the mpirun command instead of running it");
+  ln->add_option("--mpirun-arg", mpirun_args, "An extra argument for mpirun (repeatable), e.g. --mpirun-arg=--hostfile "
+                                               "--mpirun-arg=hosts.txt for several nodes");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
 
+  if (im->parsed()) {
+    try {
+      quilt::write_tiny_model(init_dir, init_seed);
+      std::printf("wrote a tiny random Gemma (seed %llu) to %s: config.json, model.safetensors, tokenizer.model, "
+                  "adapters/demo-qv-r4, adapters/demo-all-r8\n", static_cast<unsigned long long>(init_seed), init_dir.c_str());
+      return 0;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "quilt: error: %s\n", e.what());
+      return 1;
+    }
+  }
+  if (ln->parsed()) {
+    try {
+      const auto cfg = quilt::ServeConfig::from_file(launch_config);
+      const int np = cfg.world_size();
+      std::vector<std::string> cmd = {"mpirun"};
+      if (::geteuid() == 0) cmd.push_back("--allow-run-as-root");
+      if (np > static_cast<int>(std::thread::hardware_concurrency())) cmd.push_back("--oversubscribe");
+      cmd.insert(cmd.end(), mpirun_args.begin(), mpirun_args.end());
+      cmd.insert(cmd.end(), {"-np", std::to_string(np), std::filesystem::read_symlink("/proc/self/exe").string(), "serve",
+                             "--config", launch_config});
+      std::string shown;
+      for (const auto& c : cmd) shown += (shown.empty() ? "" : " ") + c;
+      std::fprintf(stderr, "quilt launch: %s\n", shown.c_str());
+      if (launch_dry) return 0;
+      std::vector<char*> cargs;
+      for (auto& c : cmd) cargs.push_back(c.data());
+      cargs.push_back(nullptr);
+      ::execvp("mpirun", cargs.data());
+      std::fprintf(stderr, "quilt: error: cannot run mpirun (is Open MPI installed? launch/install-deps.sh installs it)\n");
+      return 1;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "quilt: error: %s\n", e.what());
+      return 1;
+    }
+  }
+  if (sv->parsed()) {
+    // Rank 0 takes SIGINT/SIGTERM with sigwait to shut the job down in order; block them in every
+    // thread, MPI's included, before any is started.
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  }
   // The transport thread and the compute thread (CPU all-reduce) both call MPI.
   int provided = 0;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
@@ -45,6 +127,7 @@ int main(int argc, char** argv) {
                   "this MPI library does not provide MPI_THREAD_MULTIPLE, which Quilt needs");
     quilt::log::set_level(quilt::log::parse_level(log_level));
     if (g->parsed()) rc = quilt::run_generate(gen, MPI_COMM_WORLD);
+    if (sv->parsed()) rc = quilt::run_serve(serve, MPI_COMM_WORLD);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "quilt: error%s: %s\n",
                  world > 1 ? (" on rank " + std::to_string(rank)).c_str() : "", e.what());

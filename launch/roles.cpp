@@ -2,7 +2,7 @@
 
 #include <chrono>
 
-#include "launch/embedded_model.h"
+#include "launch/init_model.h"
 #include "model/gemma_model.h"
 #include "runtime/comm/mpi_communicator.h"
 #include "runtime/core/log.h"
@@ -30,7 +30,7 @@ JobLayout split_job(const ServeConfig& cfg, MPI_Comm world) {
 
 std::string resolve_model_dir(const ServeConfig& cfg) {
   if (!cfg.model_path.empty()) return cfg.model_path;
-  return materialize_embedded_model();
+  return default_model_dir(0);
 }
 
 void run_worker_role(const ServeConfig& cfg, const std::string& model_dir, const JobLayout& layout,
@@ -44,7 +44,8 @@ void run_worker_role(const ServeConfig& cfg, const std::string& model_dir, const
   const auto t0 = std::chrono::steady_clock::now();
   GemmaForCausalLM model(mcfg, *backend, comm, ckpt, [&](size_t done, size_t total) {
     const int pct = total ? static_cast<int>(100.0 * done / total) : 100;
-    if (!talk || (pct < *next && done != total)) return;
+    // Small checkpoints load in a blink: report progress only for the big ones.
+    if (!talk || total < (size_t{256} << 20) || (pct < *next && done != total)) return;
     while (*next <= pct) *next += 10;
     log::info("replica ", layout.replica, ": loading weights ", pct, "% (", done >> 20, " / ", total >> 20, " MiB)");
   });
@@ -52,12 +53,19 @@ void run_worker_role(const ServeConfig& cfg, const std::string& model_dir, const
     log::info("replica ", layout.replica, ": loaded in ",
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), " s, ",
               cfg.effective_kv_blocks(), " KV blocks of ", cfg.block_size, " tokens");
-  ModelRunner runner(model, cfg.effective_kv_blocks(), cfg.block_size, load_eos_ids(model_dir, mcfg), layout.replica);
+  AdapterStore adapters(model, *backend,
+                        AdapterStoreOptions{cfg.adapter_slots, cfg.adapter_max_rank,
+                                            static_cast<size_t>(cfg.adapter_host_cache_mb) << 20});
+  if (talk && cfg.adapter_slots > 0)
+    log::info("replica ", layout.replica, ": ", cfg.adapter_slots, " adapter slots of rank ", cfg.adapter_max_rank,
+              " reserved (", adapters.reserved_bytes() >> 10, " KiB per rank)");
+  ModelRunner runner(model, cfg.effective_kv_blocks(), cfg.block_size, load_eos_ids(model_dir, mcfg), layout.replica,
+                     &adapters);
   WorkerOptions opt;
   opt.replica = layout.replica;
   opt.tp_rank = layout.tp_rank;
   opt.heartbeat_interval_s = cfg.heartbeat_interval_s;
-  Worker(runner, transport, opt).run();
+  Worker(runner, transport, opt, &adapters).run();
 }
 
 }  // namespace quilt

@@ -11,7 +11,17 @@ jobs="${QUILT_JOBS:-$(nproc)}"
 
 bash "$root/launch/install-deps.sh"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release
+
+# The end-to-end tests' Python clients, from PyPI, in a venv of the build folder.
+venv="$build/venv-e2e"
+req="$root/tests/e2e/requirements.txt"
+if [ ! -x "$venv/bin/python" ] || ! cmp -s "$req" "$venv/requirements.txt"; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$req"
+  cp "$req" "$venv/requirements.txt"
+fi
+
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQUILT_E2E_PYTHON="$venv/bin/python"
 cmake --build "$build" -j "$jobs"
 cd "$build"
 ctest --output-on-failure --timeout 900 "$@"

@@ -52,7 +52,7 @@ ServeConfig ServeConfig::from_yaml_text(const std::string& text, const std::stri
   if (!root || root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
   QUILT_REQUIRE(root.IsMap(), src, ": expected a mapping at the top level");
   ServeConfig c;
-  std::set<std::string> top{"model", "http", "limits", "scheduler", "health", "replicas",
+  std::set<std::string> top{"model", "http", "limits", "scheduler", "health", "adapters", "replicas",
                             "tensor_parallel", "backend", "log_level"};
   reject_unknown(root, "", top, src);
   std::set<std::string> k;
@@ -94,6 +94,21 @@ ServeConfig ServeConfig::from_yaml_text(const std::string& text, const std::stri
   read(sch, "scheduler", "max_waiting_tokens", c.max_waiting_tokens, k, src);
   reject_unknown(sch, "scheduler", k, src);
 
+  const YAML::Node ad = section(root, "adapters", src);
+  k.clear();
+  read(ad, "adapters", "roots", c.adapter_roots, k, src);
+  read(ad, "adapters", "hub_cache", c.adapter_hub_cache, k, src);
+  read(ad, "adapters", "slots", c.adapter_slots, k, src);
+  read(ad, "adapters", "max_rank", c.adapter_max_rank, k, src);
+  read(ad, "adapters", "host_cache_mb", c.adapter_host_cache_mb, k, src);
+  read(ad, "adapters", "preload", c.adapter_preload, k, src);
+  read(ad, "adapters", "max_active_adapters", c.max_active_adapters, k, src);
+  read(ad, "adapters", "adapter_cycle_time_s", c.adapter_cycle_time_s, k, src);
+  read(ad, "adapters", "retry_backoff_s", c.adapter_retry_backoff_s, k, src);
+  read(ad, "adapters", "placement", c.placement, k, src);
+  read(ad, "adapters", "overload_slack", c.adapter_overload_slack, k, src);
+  reject_unknown(ad, "adapters", k, src);
+
   const YAML::Node health = section(root, "health", src);
   k.clear();
   read(health, "health", "heartbeat_interval_s", c.heartbeat_interval_s, k, src);
@@ -121,6 +136,17 @@ ServeConfig ServeConfig::from_yaml_text(const std::string& text, const std::stri
   QUILT_REQUIRE(c.max_running_requests >= 1, src, ": 'scheduler.max_running_requests' must be >= 1");
   QUILT_REQUIRE(c.waiting_served_ratio >= 0, src, ": 'scheduler.waiting_served_ratio' must be >= 0");
   QUILT_REQUIRE(c.max_waiting_tokens >= 1, src, ": 'scheduler.max_waiting_tokens' must be >= 1");
+  QUILT_REQUIRE(c.adapter_slots >= 0, src, ": 'adapters.slots' must be >= 0");
+  QUILT_REQUIRE(c.adapter_max_rank >= 1, src, ": 'adapters.max_rank' must be >= 1");
+  QUILT_REQUIRE(c.adapter_host_cache_mb >= 0, src, ": 'adapters.host_cache_mb' must be >= 0");
+  QUILT_REQUIRE(c.max_active_adapters >= 1, src, ": 'adapters.max_active_adapters' must be >= 1");
+  QUILT_REQUIRE(c.adapter_cycle_time_s >= 0, src, ": 'adapters.adapter_cycle_time_s' must be >= 0");
+  QUILT_REQUIRE(c.adapter_retry_backoff_s >= 0, src, ": 'adapters.retry_backoff_s' must be >= 0");
+  QUILT_REQUIRE(c.placement == "affinity" || c.placement == "round_robin", src,
+                ": 'adapters.placement' must be affinity or round_robin, not '", c.placement, "'");
+  QUILT_REQUIRE(c.adapter_overload_slack >= 1, src, ": 'adapters.overload_slack' must be >= 1");
+  QUILT_REQUIRE(static_cast<int>(c.adapter_preload.size()) <= c.adapter_slots, src,
+                ": 'adapters.preload' lists more adapters than 'adapters.slots'");
   QUILT_REQUIRE(c.heartbeat_interval_s > 0 && c.heartbeat_timeout_s > c.heartbeat_interval_s, src,
                 ": 'health.heartbeat_timeout_s' must exceed 'health.heartbeat_interval_s' > 0");
   return c;
@@ -162,6 +188,14 @@ std::string ServeConfig::to_yaml() const {
     << YAML::Value << max_running_requests << YAML::Key << "waiting_served_ratio" << YAML::Value
     << waiting_served_ratio << YAML::Key << "max_waiting_tokens" << YAML::Value << max_waiting_tokens
     << YAML::EndMap;
+  e << YAML::Key << "adapters" << YAML::Value << YAML::BeginMap << YAML::Key << "roots" << YAML::Value
+    << YAML::Flow << adapter_roots << YAML::Key << "hub_cache" << YAML::Value << adapter_hub_cache << YAML::Key
+    << "slots" << YAML::Value << adapter_slots << YAML::Key << "max_rank" << YAML::Value << adapter_max_rank
+    << YAML::Key << "host_cache_mb" << YAML::Value << adapter_host_cache_mb << YAML::Key << "preload"
+    << YAML::Value << YAML::Flow << adapter_preload << YAML::Key << "max_active_adapters" << YAML::Value
+    << max_active_adapters << YAML::Key << "adapter_cycle_time_s" << YAML::Value << adapter_cycle_time_s
+    << YAML::Key << "retry_backoff_s" << YAML::Value << adapter_retry_backoff_s << YAML::Key << "placement"
+    << YAML::Value << placement << YAML::Key << "overload_slack" << YAML::Value << adapter_overload_slack << YAML::EndMap;
   e << YAML::Key << "health" << YAML::Value << YAML::BeginMap << YAML::Key << "heartbeat_interval_s"
     << YAML::Value << heartbeat_interval_s << YAML::Key << "heartbeat_timeout_s" << YAML::Value
     << heartbeat_timeout_s << YAML::EndMap;

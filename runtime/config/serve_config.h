@@ -4,6 +4,7 @@
 // `quilt serve --print-config` prints the effective values.
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace quilt {
 
@@ -33,6 +34,18 @@ struct ServeConfig {
   int max_running_requests = 256;
   double waiting_served_ratio = 1.2;
   int max_waiting_tokens = 20;
+  // adapters (multi-LoRA)
+  std::vector<std::string> adapter_roots;   // folders of adapter folders that adapter_id resolves in
+  std::string adapter_hub_cache;            // offline HF hub cache; empty = $HF_HUB_CACHE / $HF_HOME/hub / ~/.cache/huggingface/hub
+  int adapter_slots = 8;                    // adapters resident at once per replica (memory reserved at start)
+  int adapter_max_rank = 64;                // the largest LoRA rank a slot holds
+  int adapter_host_cache_mb = 1024;         // host RAM per worker rank for adapters read from disk
+  std::vector<std::string> adapter_preload; // adapter ids loaded on every replica at start
+  int max_active_adapters = 128;            // adapters in a running batch at once (capped at slots; the base model takes none)
+  double adapter_cycle_time_s = 2.0;        // how long an active adapter keeps admitting while others wait
+  double adapter_retry_backoff_s = 30.0;    // a failed adapter is retried after this long
+  std::string placement = "affinity";       // affinity | round_robin
+  int adapter_overload_slack = 16;          // requests by which a replica must exceed the least loaded to count as overloaded
   // health
   double heartbeat_interval_s = 1.0;   // workers report this often
   double heartbeat_timeout_s = 10.0;   // a worker silent this long makes /health fail

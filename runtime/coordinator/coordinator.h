@@ -14,13 +14,20 @@
 #include "model/tokenizer.h"
 #include "runtime/actor/mailbox.h"
 #include "runtime/config/serve_config.h"
+#include "runtime/coordinator/adapter_source.h"
 #include "runtime/coordinator/detokenizer.h"
 #include "runtime/coordinator/metrics.h"
 #include "runtime/coordinator/request.h"
+#include "runtime/scheduler/placement.h"
 #include "runtime/scheduler/scheduler.h"
 #include "runtime/transport/transport.h"
 
 namespace quilt {
+
+struct AdapterStatus {
+  std::string id, path, state;  // state: loading | resident
+  int replica = 0, slot = -1;
+};
 
 struct CoordinatorStatus {
   int workers_total = 0;
@@ -28,6 +35,7 @@ struct CoordinatorStatus {
   bool healthy = false;  // every worker heartbeat within the timeout
   size_t waiting = 0, running = 0, live_requests = 0;
   std::vector<int> kv_blocks_used, kv_blocks_total;  // per replica
+  std::vector<AdapterStatus> adapters;                // loading or resident, every replica
 };
 
 class Coordinator {
@@ -68,6 +76,7 @@ class Coordinator {
 
   struct Live {
     GenerateRequest req;
+    std::string adapter_key;  // the adapter's folder (its identity); "" = base
     std::shared_ptr<RequestSink> sink;
     int replica = 0;
     std::unique_ptr<IncrementalDetokenizer> detok;
@@ -78,13 +87,27 @@ class Coordinator {
     int context = 0;         // tokens in the KV cache once the in-flight step completes
     Clock::time_point arrival, scheduled, first_token;
   };
+  // One adapter's life on one replica: absent (no entry) -> loading -> resident, or failed.
+  struct AdapterOnReplica {
+    enum class State { loading, resident } state = State::loading;
+    std::string id;  // as requests name it
+    int slot = -1;
+    uint64_t load_id = 0;
+    int acks_left = 0;  // AdapterLoaded answers still due from the replica's ranks
+    std::string error;  // the first rank's error, if any
+    Clock::time_point started, last_used;
+  };
   struct Replica {
     std::unique_ptr<Scheduler> sched;
+    std::unordered_map<std::string, AdapterOnReplica> adapters;  // by adapter key
+    std::vector<std::string> slot_owner;                        // adapter key per slot, "" = free
     bool in_flight = false;
     uint64_t step_id = 0;
     std::vector<uint64_t> release;     // to send with the next plan
     std::vector<uint64_t> plan_ids;    // requests in the in-flight plan
     Clock::time_point sent;
+    double last_worker_s = -1;  // the last result's worker wall time; -1 once used
+    size_t rows_last = 0;       // rows of the in-flight plan
   };
 
   void loop();
@@ -97,7 +120,12 @@ class Coordinator {
   void fail(uint64_t id, Live& live, const ApiError& e);
   void drop(uint64_t id, Live& live);  // frees the request everywhere
   void tick();
-  int pick_replica() const;
+  int pick_replica(const std::string& adapter_key);
+  void manage_adapters(int replica);
+  void start_load(int replica, const std::string& key, const std::string& id, int slot);
+  void evict(int replica, const std::string& key);
+  void on_loaded(const messages::AdapterLoaded& m);
+  double now_s() const;
   void publish_status();
 
   ServeConfig cfg_;
@@ -111,6 +139,13 @@ class Coordinator {
   std::atomic<bool> stopped_{false};
   std::vector<Replica> replicas_;
   std::unordered_map<uint64_t, Live> live_;
+  AdapterSourceConfig sources_;
+  // Adapters that failed to load: key -> (when, why); requests for them get 424 until the back-off ends.
+  std::unordered_map<std::string, std::pair<Clock::time_point, std::string>> failed_;
+  std::unordered_map<std::string, std::string> id_of_;  // adapter key -> id, for messages and metrics
+  uint64_t next_load_id_ = 1;
+  Placement placement_;
+  Clock::time_point epoch_ = Clock::now();
   std::vector<Clock::time_point> last_seen_;  // per worker rank (index 0 unused)
   std::vector<bool> seen_;
   Clock::time_point next_tick_;

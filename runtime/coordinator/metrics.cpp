@@ -130,12 +130,20 @@ void Metrics::declare_serving_metrics(Metrics& m) {
   m.counter("quilt_prompt_tokens_total", "Prompt tokens prefilled");
   m.counter("quilt_adapter_requests_total", "Requests per adapter (base = the base model)");
   m.counter("quilt_adapter_generated_tokens_total", "Tokens generated per adapter");
+  m.counter("quilt_adapter_cold_requests_total", "Requests that arrived for an adapter not resident on their replica");
+  m.counter("quilt_adapter_load_failures_total", "Adapter loads that failed, per adapter");
+  m.histogram("quilt_adapter_load_duration_seconds", "Time to make an adapter resident on a replica (all its ranks)", seconds);
+  m.gauge("quilt_adapters_resident", "Adapters resident, per replica");
   m.histogram("quilt_request_queue_duration_seconds", "Time from arrival to the first scheduled step", seconds);
   m.histogram("quilt_request_ttft_seconds", "Time to first token", seconds);
   m.histogram("quilt_request_time_per_output_token_seconds", "Mean time per output token after the first", seconds);
   m.histogram("quilt_request_duration_seconds", "End-to-end request time", seconds);
   m.histogram("quilt_step_duration_seconds", "Time of one batch step on a replica, plan to result", seconds);
   m.histogram("quilt_batch_size", "Sequences in a step", sizes);
+  m.histogram("quilt_step_overhead_seconds",
+              "Per back-to-back step, the time from one plan to the next not spent in the worker's step "
+              "(transport, codec, scheduling, detokenization), by rows in the step",
+              {0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05});
   m.gauge("quilt_queue_size", "Requests waiting, per replica");
   m.gauge("quilt_running_requests", "Requests running, per replica");
   m.gauge("quilt_kv_blocks_used", "KV cache blocks in use, per replica");

@@ -16,7 +16,8 @@ struct GenerateRequest {
   messages::SamplingParams sampling;   // max_new_tokens, seed, prompt_logprobs, top-n alternatives
   std::vector<std::string> stop;       // stop sequences, matched on the decoded text
   bool ignore_eos_token = false;
-  std::string adapter;                 // "" = the base model
+  std::string adapter;                 // adapter_id; "" = the base model
+  std::string adapter_source;          // "", "local" or "hub" (see adapter_source.h)
   std::string route;                   // for metrics: "generate", "chat", ...
 };
 
@@ -29,6 +30,7 @@ struct TokenEvent {
   float logprob = 0;
   bool special = false;
   std::vector<messages::TokenLogprob> alternatives;
+  bool last = false;  // the request finishes with this token (on_finish follows)
 };
 
 struct FinishEvent {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <queue>
 #include <utility>
 
 #include "runtime/core/check.h"
@@ -25,6 +26,11 @@ SchedulerConfig resolved(SchedulerConfig c) {
                 c.waiting_served_ratio);
   QUILT_REQUIRE(c.max_waiting_tokens >= 0, "scheduler: max_waiting_tokens must be >= 0, got ",
                 c.max_waiting_tokens);
+  QUILT_REQUIRE(c.max_active_adapters > 0, "scheduler: max_active_adapters must be positive, got ",
+                c.max_active_adapters);
+  QUILT_REQUIRE(std::isfinite(c.adapter_cycle_time_s) && c.adapter_cycle_time_s >= 0,
+                "scheduler: adapter_cycle_time_s must be a finite number of seconds >= 0, got ",
+                c.adapter_cycle_time_s);
   if (c.max_batch_total_tokens == 0) {
     c.max_batch_total_tokens = static_cast<int64_t>(c.num_blocks) * c.block_size;
   }
@@ -83,34 +89,83 @@ SubmitResult Scheduler::submit(const Request& r) {
                " KV blocks of ", config_.block_size,
                " tokens, more than the replica's KV capacity (", config_.num_blocks, " blocks)")};
   }
-  waiting_.push_back(r);
-  live_.emplace(r.id, false);
+  adapters_[r.adapter].waiting.push_back({r, next_seq_++});
+  live_.emplace(r.id, Live{false, r.adapter});
+  ++num_waiting_;
   return {};
 }
 
-size_t Scheduler::admissible_prefix() const {
+uint64_t Scheduler::line_key(const Adapter& a) {
+  const uint64_t head = a.waiting.front().seq;
+  return a.running > 0 ? head : std::max(a.turn, head);
+}
+
+std::vector<Scheduler::AdapterMap::iterator> Scheduler::select_admissions() {
+  const auto max_active = static_cast<size_t>(config_.max_active_adapters);
+  // Cycling applies only while an adapter cannot get a slot because all are taken.
+  bool slot_wanted = false;
+  if (num_active_ >= max_active) {
+    for (const auto& [name, a] : adapters_) {
+      if (!name.empty() && a.running == 0 && !a.waiting.empty()) {
+        slot_wanted = true;
+        break;
+      }
+    }
+  }
+
+  struct Head {
+    uint64_t key;
+    AdapterMap::iterator adapter;
+    size_t index;  // into adapter->waiting: the heads before it are taken in this step
+    bool operator>(const Head& o) const { return key > o.key; }
+  };
+  std::priority_queue<Head, std::vector<Head>, std::greater<>> heads;
+  for (auto it = adapters_.begin(); it != adapters_.end(); ++it) {
+    const Adapter& a = it->second;
+    if (a.waiting.empty() || !is_ready(it->first)) continue;
+    if (a.running > 0 && !it->first.empty() && slot_wanted &&
+        now_s_ - a.activated_s >= config_.adapter_cycle_time_s) {
+      continue;  // gives way
+    }
+    heads.push({line_key(a), it, 0});
+  }
+
   int64_t prefill_left = config_.max_batch_prefill_tokens;
   int64_t tokens_left = config_.max_batch_total_tokens - reserved_tokens_;
   int64_t slots_left = config_.max_running_requests - static_cast<int64_t>(running_.size());
   int64_t blocks_left = blocks_.num_free();
-  size_t n = 0;
-  for (const auto& r : waiting_) {
+  size_t free_active = max_active > num_active_ ? max_active - num_active_ : 0;
+  std::vector<AdapterMap::iterator> out;
+  while (!heads.empty()) {
+    const Head h = heads.top();
+    heads.pop();
+    const bool active = h.adapter->first.empty() || h.adapter->second.running > 0 || h.index > 0;
+    if (!active && free_active == 0) continue;  // passed over, holds nothing up
+    const Request& r = h.adapter->second.waiting[h.index].request;
     const int64_t tokens = reservation(r);
     const int64_t blocks = blocks_for(tokens);
     if (slots_left < 1 || r.prompt_tokens > prefill_left || tokens > tokens_left ||
         blocks > blocks_left) {
-      break;  // FIFO: never skip the head (see the header)
+      break;  // head-of-line: never skip an eligible head that does not fit (see the header)
     }
     --slots_left;
     prefill_left -= r.prompt_tokens;
     tokens_left -= tokens;
     blocks_left -= blocks;
-    ++n;
+    if (!active) --free_active;
+    out.push_back(h.adapter);
+    const size_t next = h.index + 1;
+    if (next < h.adapter->second.waiting.size()) {
+      heads.push({h.adapter->second.waiting[next].seq, h.adapter, next});  // active now
+    }
   }
-  return n;
+  return out;
 }
 
-StepPlan Scheduler::next_step() {
+StepPlan Scheduler::next_step(double now_s) {
+  QUILT_REQUIRE(std::isfinite(now_s) && now_s >= now_s_, "scheduler: next_step(now_s = ", now_s,
+                ") went back in time from ", now_s_);
+  now_s_ = now_s;
   StepPlan plan;
   plan.decode.reserve(running_.size());
   for (auto& r : running_) {
@@ -120,31 +175,39 @@ StepPlan Scheduler::next_step() {
     }
   }
 
-  size_t admit = admissible_prefix();
-  if (!running_.empty() && admit > 0) {
+  std::vector<AdapterMap::iterator> admit = select_admissions();
+  if (!running_.empty() && !admit.empty()) {
     const bool forced = tokens_since_admission_ >= config_.max_waiting_tokens;
     const double min_join =
         forced ? 1.0
                : std::floor(static_cast<double>(running_.size()) * config_.waiting_served_ratio);
-    if (static_cast<double>(admit) < min_join) admit = 0;
+    if (static_cast<double>(admit.size()) < min_join) admit.clear();
   }
 
-  plan.prefill.reserve(admit);
-  for (size_t i = 0; i < admit; ++i) {
-    Request r = std::move(waiting_.front());
-    waiting_.pop_front();
+  plan.prefill.reserve(admit.size());
+  for (const auto it : admit) {
+    Adapter& a = it->second;
+    Request r = std::move(a.waiting.front().request);
+    a.waiting.pop_front();
+    --num_waiting_;
     auto blocks = blocks_.allocate(blocks_for(reservation(r)));
-    QUILT_ASSERT(blocks.has_value(), "admissible_prefix admitted request ", r.id,
+    QUILT_ASSERT(blocks.has_value(), "select_admissions admitted request ", r.id,
                  " without free blocks");
     reserved_tokens_ += reservation(r);
-    live_[r.id] = true;
+    live_.at(r.id).running = true;
+    if (a.running++ == 0) {
+      a.activated_s = now_s_;
+      a.activated_seq = next_seq_++;
+      if (!it->first.empty()) ++num_active_;
+    }
     plan.prefill.push_back({r.id, r.prompt_tokens, r.adapter, *blocks});
     running_.push_back({std::move(r), std::move(*blocks), 1});
   }
   QUILT_ASSERT(reserved_tokens_ <= config_.max_batch_total_tokens);
   QUILT_ASSERT(running_.size() <= static_cast<size_t>(config_.max_running_requests));
+  QUILT_ASSERT(num_active_ <= static_cast<size_t>(config_.max_active_adapters));
 
-  if (admit > 0) {
+  if (!admit.empty()) {
     tokens_since_admission_ = 1;
   } else if (!plan.decode.empty()) {
     ++tokens_since_admission_;
@@ -157,7 +220,21 @@ std::vector<Scheduler::Running>::iterator Scheduler::find_running(uint64_t id) {
                       [id](const Running& r) { return r.request.id == id; });
 }
 
+void Scheduler::forget_if_idle(AdapterMap::iterator it) {
+  if (it->second.running == 0 && it->second.waiting.empty()) adapters_.erase(it);
+}
+
 void Scheduler::release(std::vector<Running>::iterator it) {
+  const auto a = adapters_.find(it->request.adapter);
+  QUILT_ASSERT(a != adapters_.end() && a->second.running > 0, "running request ", it->request.id,
+               " has no active adapter");
+  if (--a->second.running == 0 && !a->first.empty()) {
+    --num_active_;
+    if (now_s_ - a->second.activated_s >= config_.adapter_cycle_time_s) {
+      a->second.turn = next_seq_++;  // cycled out: the back of the line
+    }
+  }
+  forget_if_idle(a);
   blocks_.free(it->blocks);
   reserved_tokens_ -= reservation(it->request);
   live_.erase(it->request.id);
@@ -166,7 +243,7 @@ void Scheduler::release(std::vector<Running>::iterator it) {
 
 bool Scheduler::finish(uint64_t id) {
   const auto it = live_.find(id);
-  if (it == live_.end() || !it->second) return false;
+  if (it == live_.end() || !it->second.running) return false;
   const auto r = find_running(id);
   QUILT_ASSERT(r != running_.end(), "request ", id, " is marked running but not in the batch");
   release(r);
@@ -176,23 +253,44 @@ bool Scheduler::finish(uint64_t id) {
 bool Scheduler::cancel(uint64_t id) {
   const auto it = live_.find(id);
   if (it == live_.end()) return false;
-  if (it->second) return finish(id);
+  if (it->second.running) return finish(id);
+  const auto a = adapters_.find(it->second.adapter);
+  QUILT_ASSERT(a != adapters_.end(), "request ", id, " is waiting on an unknown adapter");
+  auto& q = a->second.waiting;
   const auto w =
-      std::find_if(waiting_.begin(), waiting_.end(), [id](const Request& r) { return r.id == id; });
-  QUILT_ASSERT(w != waiting_.end(), "request ", id, " is marked waiting but not queued");
-  waiting_.erase(w);
+      std::find_if(q.begin(), q.end(), [id](const Waiting& e) { return e.request.id == id; });
+  QUILT_ASSERT(w != q.end(), "request ", id, " is marked waiting but not queued");
+  q.erase(w);
+  --num_waiting_;
   live_.erase(it);
+  forget_if_idle(a);
   return true;
+}
+
+void Scheduler::set_ready(const std::string& adapter, bool ready) {
+  if (adapter.empty()) {
+    QUILT_REQUIRE(ready, "scheduler: the base model (adapter \"\") is always ready");
+    return;
+  }
+  if (ready) {
+    ready_.insert(adapter);
+  } else {
+    ready_.erase(adapter);
+  }
+}
+
+bool Scheduler::is_ready(const std::string& adapter) const {
+  return adapter.empty() || ready_.contains(adapter);
 }
 
 bool Scheduler::is_waiting(uint64_t id) const {
   const auto it = live_.find(id);
-  return it != live_.end() && !it->second;
+  return it != live_.end() && !it->second.running;
 }
 
 bool Scheduler::is_running(uint64_t id) const {
   const auto it = live_.find(id);
-  return it != live_.end() && it->second;
+  return it != live_.end() && it->second.running;
 }
 
 std::span<const int32_t> Scheduler::block_table(uint64_t id) const {
@@ -201,5 +299,62 @@ std::span<const int32_t> Scheduler::block_table(uint64_t id) const {
                               [id](const Running& e) { return e.request.id == id; });
   return r->blocks;
 }
+
+namespace {
+std::vector<std::string> names_in_order(std::vector<std::pair<uint64_t, const std::string*>> v) {
+  std::sort(v.begin(), v.end());
+  std::vector<std::string> out;
+  out.reserve(v.size());
+  for (const auto& e : v) out.push_back(*e.second);
+  return out;
+}
+}  // namespace
+
+std::vector<std::string> Scheduler::wanted_adapters() const {
+  std::vector<std::pair<uint64_t, const std::string*>> wanted;
+  for (const auto& [name, a] : adapters_) {
+    if (!a.waiting.empty() && !is_ready(name)) wanted.emplace_back(line_key(a), &name);
+  }
+  return names_in_order(std::move(wanted));
+}
+
+std::vector<std::string> Scheduler::pending_adapters() const {
+  std::vector<std::pair<uint64_t, const std::string*>> pending;
+  for (const auto& [name, a] : adapters_) {
+    if (!name.empty() && !a.waiting.empty() && a.running == 0) {
+      pending.emplace_back(line_key(a), &name);
+    }
+  }
+  return names_in_order(std::move(pending));
+}
+
+std::vector<std::string> Scheduler::active_adapters() const {
+  std::vector<std::pair<uint64_t, const std::string*>> active;
+  for (const auto& [name, a] : adapters_) {
+    if (a.running > 0 && !name.empty()) active.emplace_back(a.activated_seq, &name);
+  }
+  return names_in_order(std::move(active));
+}
+
+size_t Scheduler::running_for(const std::string& adapter) const {
+  const auto it = adapters_.find(adapter);
+  return it == adapters_.end() ? 0 : it->second.running;
+}
+
+size_t Scheduler::waiting_for(const std::string& adapter) const {
+  const auto it = adapters_.find(adapter);
+  return it == adapters_.end() ? 0 : it->second.waiting.size();
+}
+
+std::vector<uint64_t> Scheduler::waiting_ids(const std::string& adapter) const {
+  std::vector<uint64_t> ids;
+  const auto it = adapters_.find(adapter);
+  if (it == adapters_.end()) return ids;
+  ids.reserve(it->second.waiting.size());
+  for (const auto& w : it->second.waiting) ids.push_back(w.request.id);
+  return ids;
+}
+
+bool Scheduler::idle(const std::string& adapter) const { return !adapters_.contains(adapter); }
 
 }  // namespace quilt

@@ -2,3 +2,5 @@ quilt_test(test_detokenizer SOURCES runtime/test_detokenizer.cpp model/fixtures.
 target_link_libraries(test_detokenizer PRIVATE quilt_coordinator)
 quilt_test(test_serving_inprocess SOURCES runtime/test_serving_inprocess.cpp model/fixtures.cpp LABELS runtime)
 target_link_libraries(test_serving_inprocess PRIVATE quilt_coordinator quilt_worker)
+quilt_test(test_serving_adapters SOURCES runtime/test_serving_adapters.cpp model/fixtures.cpp LABELS runtime)
+target_link_libraries(test_serving_adapters PRIVATE quilt_coordinator quilt_worker)
