@@ -10,7 +10,7 @@
 #include "model/gemma_model.h"
 #include "model/greedy.h"
 #include "model/tokenizer.h"
-#include "runtime/comm/mpi_communicator.h"
+#include "runtime/comm/make_communicator.h"
 #include "runtime/core/log.h"
 
 namespace quilt {
@@ -34,10 +34,11 @@ LoadProgress progress_logger(int rank) {
 }  // namespace
 
 int run_generate(const GenerateOptions& opt, MPI_Comm comm) {
-  MpiCommunicator tp(comm);
-  const int rank = tp.rank();
+  int rank = 0, world = 1;
+  MPI_Comm_rank(comm, &rank);
+  MPI_Comm_size(comm, &world);
   const GemmaConfig cfg = GemmaConfig::from_file((fs::path(opt.model_dir) / "config.json").string());
-  if (rank == 0) log::info(cfg.summary(), ", tensor parallel ", tp.size());
+  if (rank == 0) log::info(cfg.summary(), ", tensor parallel ", world);
 
   std::unique_ptr<Tokenizer> tok;
   std::vector<int> ids;
@@ -52,7 +53,17 @@ int run_generate(const GenerateOptions& opt, MPI_Comm comm) {
   ids.resize(n);
   MPI_Bcast(ids.data(), n, MPI_INT, 0, comm);
 
-  auto backend = make_backend(opt.backend);
+  // One GPU per rank (all ranks of `quilt generate` are on the node they were started on).
+  MPI_Comm node = MPI_COMM_NULL;
+  int local = 0;
+  MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node);
+  MPI_Comm_rank(node, &local);
+  MPI_Comm_free(&node);
+  BackendOptions bo;
+  bo.device = local;
+  auto backend = make_backend(opt.backend, bo);
+  auto tp_ptr = make_communicator(*backend, comm);
+  Communicator& tp = *tp_ptr;
   const Checkpoint ckpt = Checkpoint::open(opt.model_dir);
   const auto t0 = std::chrono::steady_clock::now();
   GemmaForCausalLM model(cfg, *backend, tp, ckpt, progress_logger(rank));

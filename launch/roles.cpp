@@ -4,7 +4,7 @@
 
 #include "launch/init_model.h"
 #include "model/gemma_model.h"
-#include "runtime/comm/mpi_communicator.h"
+#include "runtime/comm/make_communicator.h"
 #include "runtime/core/log.h"
 #include "runtime/worker/worker.h"
 
@@ -25,6 +25,15 @@ JobLayout split_job(const ServeConfig& cfg, MPI_Comm world) {
   }
   // The coordinator is in no replica communicator.
   MPI_Comm_split(world, l.coordinator ? MPI_UNDEFINED : l.replica, l.world_rank, &l.replica_comm);
+  // Workers sharing a node take its GPUs in rank order.
+  MPI_Comm workers = MPI_COMM_NULL, node = MPI_COMM_NULL;
+  MPI_Comm_split(world, l.coordinator ? MPI_UNDEFINED : 0, l.world_rank, &workers);
+  if (workers != MPI_COMM_NULL) {
+    MPI_Comm_split_type(workers, MPI_COMM_TYPE_SHARED, l.world_rank, MPI_INFO_NULL, &node);
+    MPI_Comm_rank(node, &l.local_worker);
+    MPI_Comm_free(&node);
+    MPI_Comm_free(&workers);
+  }
   return l;
 }
 
@@ -36,8 +45,11 @@ std::string resolve_model_dir(const ServeConfig& cfg) {
 void run_worker_role(const ServeConfig& cfg, const std::string& model_dir, const JobLayout& layout,
                      Transport& transport) {
   const GemmaConfig mcfg = GemmaConfig::from_file(model_dir + "/config.json");
-  auto backend = make_backend(cfg.backend);
-  MpiCommunicator comm(layout.replica_comm);
+  BackendOptions bo;
+  bo.device = layout.local_worker;
+  auto backend = make_backend(cfg.backend, bo);
+  auto comm_ptr = make_communicator(*backend, layout.replica_comm);
+  Communicator& comm = *comm_ptr;
   const Checkpoint ckpt = Checkpoint::open(model_dir);
   auto next = std::make_shared<int>(10);
   const bool talk = layout.tp_rank == 0;

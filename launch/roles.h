@@ -15,6 +15,7 @@ struct JobLayout {
   bool coordinator = true;
   int replica = -1;  // workers only
   int tp_rank = -1;
+  int local_worker = -1;  // index among the worker ranks of this node: the GPU it takes
   MPI_Comm replica_comm = MPI_COMM_NULL;
 };
 

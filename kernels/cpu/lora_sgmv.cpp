@@ -1,5 +1,3 @@
-#include <cblas.h>
-
 #include <vector>
 
 #include "kernels/cpu/ops.h"
@@ -7,6 +5,8 @@
 
 namespace quilt::cpu {
 
+// Plain loops rather than BLAS: the shapes are thin (rank 4..64 by a handful of rows), where a
+// threaded GEMM call costs more in dispatch than the arithmetic.
 void lora_sgmv(Tensor& y, const Tensor& x, const std::vector<LoraSegment>& segments, int64_t col_offset) {
   const int64_t T = x.dim(0), K = x.dim(1), ld_y = y.dim(1);
   QUILT_ASSERT(y.dim(0) == T);
@@ -18,15 +18,27 @@ void lora_sgmv(Tensor& y, const Tensor& x, const std::vector<LoraSegment>& segme
     QUILT_ASSERT(s.row_begin >= 0 && s.row_end <= T, "segment rows out of range");
     QUILT_ASSERT(s.A->dim(1) == K && s.B->dim(1) == r && col_offset + N <= ld_y, "LoRA shapes: x ", x.describe(),
                  " A ", s.A->describe(), " B ", s.B->describe(), " y ", y.describe(), " at column ", col_offset);
-    v.resize(static_cast<size_t>(n * r));
-    // v[n, r] = x[rows] A^T
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(r), static_cast<int>(K),
-                1.0f, x.as<float>() + s.row_begin * K, static_cast<int>(K), s.A->as<float>(), static_cast<int>(K), 0.0f,
-                v.data(), static_cast<int>(r));
-    // y[rows, col_offset:] += v B^T
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(N), static_cast<int>(r),
-                1.0f, v.data(), static_cast<int>(r), s.B->as<float>(), static_cast<int>(r), 1.0f,
-                y.as<float>() + s.row_begin * ld_y + col_offset, static_cast<int>(ld_y));
+    const float* A = s.A->as<float>();
+    const float* B = s.B->as<float>();
+    v.assign(static_cast<size_t>(r), 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xr = x.as<float>() + (s.row_begin + i) * K;
+      // shrink: v = A x (fp32)
+      for (int64_t k = 0; k < r; ++k) {
+        const float* a = A + k * K;
+        float acc = 0;
+        for (int64_t j = 0; j < K; ++j) acc += a[j] * xr[j];
+        v[k] = acc;
+      }
+      // expand: y[col_offset + o] += B[o] . v
+      float* yr = y.as<float>() + (s.row_begin + i) * ld_y + col_offset;
+      for (int64_t o = 0; o < N; ++o) {
+        const float* b = B + o * r;
+        float acc = 0;
+        for (int64_t k = 0; k < r; ++k) acc += b[k] * v[k];
+        yr[o] += acc;
+      }
+    }
   }
 }
 

@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <tuple>
 
 #include "quilt/kernels/backend.h"
 #include "runtime/core/check.h"
@@ -16,12 +18,40 @@ namespace quilt::cuda {
 // One per backend; tensors keep it alive through their deleters (they free on its stream).
 struct Context {
   int device = 0;
+  int num_sms = 132;
   DType dtype = DType::bf16;  // storage dtype of activations, weights and the KV cache
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
   void* workspace = nullptr;  // cuBLAS workspace, set once
   size_t workspace_bytes = 0;
+  // Ops' scratch (attention's split-K partials): one stream-ordered buffer, grown rarely and
+  // never shrunk, so that steady-state steps allocate nothing.
+  void* scratch_ptr = nullptr;
+  size_t scratch_bytes = 0;
+  // Zeroed counters for kernels whose last block finishes the work (split-K attention); each
+  // such kernel leaves them zero again.
+  int* counters = nullptr;
+  int64_t counter_count = 0;
+  // Pinned host staging for uploads (from_host_i32) and the logits download. Uploads take the
+  // next bytes of `up_host` and copy asynchronously; the bytes are reused only after the stream
+  // has been synchronised (up_used then goes back to 0), so no copy reads overwritten data.
+  void* up_host = nullptr;
+  size_t up_bytes = 0, up_used = 0;
+  void* down_host = nullptr;
+  size_t down_bytes = 0;
+  // Kernels whose shared-memory opt-in (above 48 KB) is done, one bit each.
+  unsigned smem_opt_in = 0;
+  // Kernel choices (benchmark switches): the grouped split-K attention kernel; the GEMV for x with
+  // at most gemv_max_rows (<= 8) rows, where it is timed against cuBLAS once per (M, N, K) and the
+  // faster kept (gemv_autotune), or always taken.
+  bool grouped_attention = true;
+  int gemv_max_rows = 8;
+  bool gemv_autotune = true;
+  std::map<std::tuple<int, int, int>, bool> gemv_faster;  // (M, N, K) -> the GEMV won
   ~Context();
+
+  // At least `bytes` of device scratch, ordered on the stream (valid until the next call).
+  void* scratch(size_t bytes, const char* op);
 };
 
 // A failed CUDA call becomes quilt::Error naming the op: the caller can report it (a sticky

@@ -2,7 +2,9 @@
 // live in the file of their name (ops.h).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "kernels/cuda/cuda_backend.h"
@@ -23,13 +25,32 @@ Context::~Context() {
   if (stream) cudaStreamSynchronize(stream);
   if (cublas) cublasDestroy(cublas);
   if (workspace) cudaFree(workspace);
+  if (scratch_ptr) cudaFree(scratch_ptr);
+  if (counters) cudaFree(counters);
+  if (up_host) cudaFreeHost(up_host);
+  if (down_host) cudaFreeHost(down_host);
   if (stream) cudaStreamDestroy(stream);
+}
+
+void* Context::scratch(size_t bytes, const char* op) {
+  if (bytes <= scratch_bytes) return scratch_ptr;
+  // Stream order makes the swap safe: kernels still using the old buffer run before it is freed.
+  const size_t grown = std::max(bytes, scratch_bytes * 2);
+  if (scratch_ptr) check(cudaFreeAsync(scratch_ptr, stream), op);
+  scratch_ptr = nullptr;
+  scratch_bytes = 0;
+  check(cudaMallocAsync(&scratch_ptr, grown, stream), op);
+  scratch_bytes = grown;
+  return scratch_ptr;
 }
 }  // namespace cuda
 
 namespace {
 
 constexpr size_t kCublasWorkspace = size_t{32} << 20;  // Hopper's recommended size
+constexpr size_t kUploadStaging = size_t{4} << 20;     // a step's i32 inputs, many times over
+constexpr size_t kCounters = 16384;                    // split rows x KV heads: < 2 blocks per SM
+constexpr size_t kDownloadStaging = size_t{2} << 20;   // batch-1 bf16 logits of a 256k vocabulary, x4
 
 // Host staging: n values of `src_dtype` converted to `dst` dtype (f32, bf16 or f16).
 std::vector<uint8_t> convert_host(const void* src, DType src_dtype, DType dst, size_t n) {
@@ -74,6 +95,14 @@ class CudaBackend final : public Backend {
     c.device = o.device;
     c.dtype = dt;
     cuda::check(cudaSetDevice(c.device), "init: cudaSetDevice");
+    cuda::check(cudaDeviceGetAttribute(&c.num_sms, cudaDevAttrMultiProcessorCount, c.device), "init: SM count");
+    cuda::check(cudaMalloc(&c.counters, kCounters * sizeof(int)), "init: counters");
+    cuda::check(cudaMemset(c.counters, 0, kCounters * sizeof(int)), "init: counters");
+    c.counter_count = kCounters;
+    cuda::check(cudaMallocHost(&c.up_host, kUploadStaging), "init: pinned upload staging");
+    c.up_bytes = kUploadStaging;
+    cuda::check(cudaMallocHost(&c.down_host, kDownloadStaging), "init: pinned download staging");
+    c.down_bytes = kDownloadStaging;
     cuda::check(cudaStreamCreateWithFlags(&c.stream, cudaStreamNonBlocking), "init: stream");
     // Keep freed blocks in the stream-ordered pool instead of returning them to the driver at
     // every synchronisation: steps then allocate without touching the driver.
@@ -130,24 +159,52 @@ class CudaBackend final : public Backend {
     upload(t, host.data(), "from_host");
     return t;
   }
+  // Through the pinned staging buffer, asynchronously: no synchronisation per upload.
   Tensor from_host_i32(const int32_t* src, const std::vector<int64_t>& shape) override {
     Tensor t = empty(shape, DType::i32);
-    if (t.numel()) upload(t, src, "from_host_i32");
+    if (t.numel() == 0) return t;
+    cuda::Context& c = *ctx_;
+    const size_t n = t.bytes(), need = (n + 255) / 256 * 256;
+    if (c.up_used + need > c.up_bytes) {
+      // Every staged byte may still be in flight: wait for the stream, then start over (bigger if
+      // this one upload does not fit).
+      cuda::check(cudaStreamSynchronize(c.stream), "from_host_i32");
+      c.up_used = 0;
+      if (need > c.up_bytes) {
+        cuda::check(cudaFreeHost(c.up_host), "from_host_i32: staging");
+        c.up_host = nullptr;
+        c.up_bytes = 0;
+        const size_t grown = std::max(need, 2 * kUploadStaging);
+        cuda::check(cudaMallocHost(&c.up_host, grown), "from_host_i32: staging");
+        c.up_bytes = grown;
+      }
+    }
+    char* staged = static_cast<char*>(c.up_host) + c.up_used;
+    std::memcpy(staged, src, n);
+    cuda::check(cudaMemcpyAsync(t.data(), staged, n, cudaMemcpyHostToDevice, c.stream), "from_host_i32");
+    c.up_used += need;
     return t;
   }
   void to_host_f32(float* dst, const Tensor& src) override {
     QUILT_ASSERT(src.device() == Device::cuda && src.dtype() != DType::i32, "to_host_f32 of ", src.describe());
     if (src.numel() == 0) return;
     set_device();
-    if (src.dtype() == DType::f32) {
-      cuda::check(cudaMemcpyAsync(dst, src.data(), src.bytes(), cudaMemcpyDeviceToHost, ctx_->stream), "to_host_f32");
-      cuda::check(cudaStreamSynchronize(ctx_->stream), "to_host_f32");
-      return;
+    cuda::Context& c = *ctx_;
+    // Into pinned staging (a DMA at full PCIe speed), then converted on the host.
+    if (src.bytes() > c.down_bytes) {
+      cuda::check(cudaFreeHost(c.down_host), "to_host_f32: staging");
+      c.down_host = nullptr;
+      c.down_bytes = 0;
+      cuda::check(cudaMallocHost(&c.down_host, src.bytes()), "to_host_f32: staging");
+      c.down_bytes = src.bytes();
     }
-    std::vector<uint16_t> raw(src.numel());
-    cuda::check(cudaMemcpyAsync(raw.data(), src.data(), src.bytes(), cudaMemcpyDeviceToHost, ctx_->stream), "to_host_f32");
-    cuda::check(cudaStreamSynchronize(ctx_->stream), "to_host_f32");
-    convert_to_f32(dst, raw.data(), src.dtype(), raw.size());
+    cuda::check(cudaMemcpyAsync(c.down_host, src.data(), src.bytes(), cudaMemcpyDeviceToHost, c.stream), "to_host_f32");
+    cuda::check(cudaStreamSynchronize(c.stream), "to_host_f32");
+    c.up_used = 0;  // every staged upload has landed
+    if (src.dtype() == DType::f32)
+      std::memcpy(dst, c.down_host, src.bytes());
+    else
+      convert_to_f32(dst, c.down_host, src.dtype(), static_cast<size_t>(src.numel()));
   }
   void copy(Tensor& dst, const Tensor& src) override {
     QUILT_ASSERT(dst.bytes() == src.bytes() && dst.dtype() == src.dtype() &&
@@ -207,7 +264,9 @@ class CudaBackend final : public Backend {
   void synchronize() {
     set_device();
     cuda::check(cudaStreamSynchronize(ctx_->stream), "synchronize");
+    ctx_->up_used = 0;
   }
+  cuda::Context& context() { return *ctx_; }
   void fill_normal(Tensor& t, uint64_t seed, float stddev) {
     set_device();
     cuda::fill_normal(*ctx_, t, seed, stddev);
@@ -217,11 +276,13 @@ class CudaBackend final : public Backend {
   // The current device is per host thread; the worker's actor thread may not be the one that
   // made the backend.
   void set_device() { cuda::check(cudaSetDevice(ctx_->device), "cudaSetDevice"); }
-  // Pageable source: the copy is complete (and `src` reusable) when this returns.
+  // Pageable source (weights, at load time): the copy is complete (and `src` reusable) when
+  // this returns.
   void upload(Tensor& t, const void* src, const char* op) {
     set_device();
     cuda::check(cudaMemcpyAsync(t.data(), src, t.bytes(), cudaMemcpyHostToDevice, ctx_->stream), op);
     cuda::check(cudaStreamSynchronize(ctx_->stream), op);
+    ctx_->up_used = 0;
   }
 
   std::shared_ptr<cuda::Context> ctx_;
@@ -243,6 +304,23 @@ void cuda_synchronize(Backend& backend) { as_cuda(backend).synchronize(); }
 
 void cuda_fill_normal(Backend& backend, Tensor& t, uint64_t seed, float stddev) {
   as_cuda(backend).fill_normal(t, seed, stddev);
+}
+
+void* cuda_native_stream(Backend& backend) { return as_cuda(backend).context().stream; }
+
+int cuda_device_ordinal(Backend& backend) { return as_cuda(backend).context().device; }
+
+std::string cuda_device_name(Backend& backend) {
+  cudaDeviceProp prop{};
+  cuda::check(cudaGetDeviceProperties(&prop, as_cuda(backend).context().device), "cudaGetDeviceProperties");
+  return prop.name;
+}
+
+void cuda_set_kernel_options(Backend& backend, const CudaKernelOptions& o) {
+  cuda::Context& c = as_cuda(backend).context();
+  c.grouped_attention = o.grouped_attention;
+  c.gemv_max_rows = o.gemv_max_rows;
+  c.gemv_autotune = o.gemv_autotune;
 }
 
 }  // namespace quilt

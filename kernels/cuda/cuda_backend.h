@@ -2,6 +2,7 @@
 // The CUDA backend (plain C++ header: backend_factory.cpp and the tests include it).
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "quilt/kernels/backend.h"
 
@@ -16,4 +17,18 @@ std::unique_ptr<Backend> make_cuda_backend(const BackendOptions& options = {});
 void cuda_synchronize(Backend& backend);
 // Fills t with N(0, stddev^2) values generated on the GPU from (seed, element index).
 void cuda_fill_normal(Backend& backend, Tensor& t, uint64_t seed, float stddev);
+
+// The backend's compute stream (a cudaStream_t) and device ordinal, for collectives that must run
+// in its stream order (runtime/comm's NCCL communicator); CUDA types stay out of this header.
+void* cuda_native_stream(Backend& backend);
+int cuda_device_ordinal(Backend& backend);
+std::string cuda_device_name(Backend& backend);
+
+// Kernel choices, for benchmarks that compare them (the defaults are the fast ones).
+struct CudaKernelOptions {
+  bool grouped_attention = true;  // false: the stage-1 attention kernel (one block per q head)
+  int gemv_max_rows = 8;          // matmuls with at most this many rows (<= 8) may use the GEMV (0: cuBLAS)
+  bool gemv_autotune = true;      // time GEMV against cuBLAS once per shape and keep the faster; false: GEMV
+};
+void cuda_set_kernel_options(Backend& backend, const CudaKernelOptions& options);
 }  // namespace quilt

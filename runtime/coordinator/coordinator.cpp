@@ -452,6 +452,7 @@ void Coordinator::start_load(int r, const std::string& key, const std::string& i
   rep.adapters[key] = std::move(a);
   const int first = 1 + r * cfg_.tensor_parallel;
   for (int k = 0; k < cfg_.tensor_parallel; ++k) transport_.send(first + k, bytes);
+  metrics_.inc("quilt_adapter_loads_total", 1, {{"replica", std::to_string(r)}});
   log::info("replica ", r, ": loading adapter '", id, "' into slot ", slot);
 }
 
@@ -499,7 +500,8 @@ void Coordinator::manage_adapters(int r) {
         }
       }
       if (victim.empty()) return;  // every slot is in use: wait for one to free up
-      log::info("replica ", r, ": evicting idle adapter '", rep.adapters[victim].id, "'");
+      log::info("replica ", r, ": evicting adapter '", rep.adapters[victim].id, "'");
+      metrics_.inc("quilt_adapter_evictions_total", 1, {{"replica", std::to_string(r)}});
       evict(r, victim);
       free = std::find(rep.slot_owner.begin(), rep.slot_owner.end(), "");
     }

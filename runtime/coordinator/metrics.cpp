@@ -132,6 +132,8 @@ void Metrics::declare_serving_metrics(Metrics& m) {
   m.counter("quilt_adapter_generated_tokens_total", "Tokens generated per adapter");
   m.counter("quilt_adapter_cold_requests_total", "Requests that arrived for an adapter not resident on their replica");
   m.counter("quilt_adapter_load_failures_total", "Adapter loads that failed, per adapter");
+  m.counter("quilt_adapter_loads_total", "Adapter loads started, per replica");
+  m.counter("quilt_adapter_evictions_total", "Adapters evicted from a slot to make room, per replica");
   m.histogram("quilt_adapter_load_duration_seconds", "Time to make an adapter resident on a replica (all its ranks)", seconds);
   m.gauge("quilt_adapters_resident", "Adapters resident, per replica");
   m.histogram("quilt_request_queue_duration_seconds", "Time from arrival to the first scheduled step", seconds);

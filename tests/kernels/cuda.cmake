@@ -6,6 +6,13 @@ quilt_test(test_golden_cuda SOURCES model/test_golden_cuda.cpp model/fixtures.cp
 # message is printed only when no device is visible, so it cannot hide a failure on the GPU.
 set_tests_properties(test_cuda_ops test_golden_cuda PROPERTIES SKIP_REGULAR_EXPRESSION "no CUDA device visible")
 
-# Decode timing on random weights generated on the GPU (launch/experiments/cuda-stage1.md).
+# Tensor parallelism on 2 GPUs through NCCL against TP 1 (launch/experiments/cuda-stage2.md).
+if(QUILT_HAVE_NCCL)
+  quilt_mpi_test(test_tensor_parallel_cuda SOURCES mpi/test_tensor_parallel_cuda.cpp model/fixtures.cpp NP 2)
+  set_tests_properties(test_tensor_parallel_cuda_np2 PROPERTIES LABELS "cuda;mpi"
+                       SKIP_REGULAR_EXPRESSION "no CUDA device visible")
+endif()
+
+# Decode timing on random weights generated on the GPU (launch/experiments/cuda-stage2.md).
 add_executable(bench_cuda_decode ${PROJECT_SOURCE_DIR}/launch/experiments/bench_cuda_decode.cpp)
-target_link_libraries(bench_cuda_decode PRIVATE quilt_kernels quilt_core)
+target_link_libraries(bench_cuda_decode PRIVATE quilt_kernels quilt_comm quilt_core MPI::MPI_CXX)

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <numeric>
 #include <random>
 
@@ -136,6 +137,33 @@ TEST_P(CudaOps, MemoryRoundTripCopyAndZeros) {
   expect_exact("copy", host(*gpu, c), v);
   expect_exact("zeros", host(*gpu, gpu->zeros({7, 3}, dt)), std::vector<float>(21, 0.f));
   EXPECT_EQ(gpu->kv_cache_tensor(3, 16, 2, 64).numel(), 3 * 16 * 2 * 64);
+  // i32 uploads go through pinned staging without a synchronisation each: many uploads in a row
+  // (past the staging's 4 MiB, which makes it wait and start over) and one bigger than it (which
+  // grows it) must all arrive intact.
+  {
+    std::vector<std::vector<int32_t>> srcs;
+    std::vector<Tensor> ups;
+    for (int k = 0; k < 1100; ++k) {
+      srcs.emplace_back(1000 + k % 7);
+      std::iota(srcs.back().begin(), srcs.back().end(), k * 3);
+      ups.push_back(gpu->from_host_i32(srcs.back().data(), {static_cast<int64_t>(srcs.back().size())}));
+      if (k == 500) {
+        std::vector<int32_t> big(3 << 20);
+        std::iota(big.begin(), big.end(), -7);
+        srcs.push_back(big);
+        ups.push_back(gpu->from_host_i32(srcs.back().data(), {static_cast<int64_t>(big.size())}));
+      }
+    }
+    size_t bad = 0;
+    for (size_t k = 0; k < ups.size(); ++k) {
+      // to_host_f32 copies f32 bits unchanged: read the i32 data through an f32 alias.
+      const Tensor alias(nullptr, ups[k].data(), DType::f32, Device::cuda, ups[k].shape());
+      std::vector<float> bits(srcs[k].size());
+      gpu->to_host_f32(bits.data(), alias);
+      bad += std::memcmp(bits.data(), srcs[k].data(), bits.size() * sizeof(int32_t)) != 0;
+    }
+    EXPECT_EQ(bad, 0u) << "of " << ups.size() << " staged uploads";
+  }
   // An impossible allocation is a clear, recoverable error, and the backend keeps working.
   EXPECT_THROW(gpu->empty({int64_t{1} << 45}, dt), quilt::Error);
   expect_exact("copy after a failed allocation", host(*gpu, c), v);
@@ -181,7 +209,10 @@ TEST_P(CudaOps, Matmul) {
   struct Case { int64_t M, N, K; bool acc, offset; };
   for (const Case& c : {Case{1, 2304, 2048, false, false}, Case{7, 256, 2048, true, false},
                         Case{300, 513, 67, false, true}, Case{33, 1000, 16384, true, false},
-                        Case{129, 4097, 255, false, true}, Case{2, 3, 1, true, true}}) {
+                        Case{129, 4097, 255, false, true}, Case{2, 3, 1, true, true},
+                        // M <= 8 with K % 8 == 0 and aligned x take the GEMV in bf16/f16
+                        Case{3, 2560, 2048, false, false}, Case{8, 1000, 16384, true, false},
+                        Case{5, 77, 264, false, true}, Case{1, 13, 8, true, false}, Case{4, 4100, 3072, false, false}}) {
     const std::string tag = " M=" + std::to_string(c.M) + " N=" + std::to_string(c.N) + " K=" +
                             std::to_string(c.K) + (c.acc ? " +=" : "") + (c.offset ? " x at row 1" : "");
     // With `offset` x is rows [1, M+1) of a bigger tensor: a pointer that is not 16-byte aligned
@@ -194,7 +225,15 @@ TEST_P(CudaOps, Matmul) {
     Tensor y1 = up(*cpu, y0, {c.M, c.N}), y2 = up(*gpu, y0, {c.M, c.N});
     cpu->matmul(y1, x1, up(*cpu, w, {c.N, c.K}), c.acc);
     gpu->matmul(y2, x2, up(*gpu, w, {c.N, c.K}), c.acc);
-    expect_close("matmul" + tag, host(*gpu, y2), host(*cpu, y1));
+    const auto want = host(*cpu, y1);
+    expect_close("matmul" + tag, host(*gpu, y2), want);
+    if (c.M <= 8) {  // the GEMV for every M it has, whether or not it is the faster here
+      cuda_set_kernel_options(*gpu, CudaKernelOptions{true, 8, false});
+      Tensor y3 = up(*gpu, y0, {c.M, c.N});
+      gpu->matmul(y3, x2, up(*gpu, w, {c.N, c.K}), c.acc);
+      cuda_set_kernel_options(*gpu, CudaKernelOptions{});
+      expect_close("matmul gemv-allowed" + tag, host(*gpu, y3), want);
+    }
   }
 }
 
@@ -254,9 +293,18 @@ TEST_P(CudaOps, PagedAttentionPrefillChunksDecodeLongContexts) {
   struct Case { int Hq, Hkv, D; float q_std; std::vector<Seq> seqs; };
   const std::vector<Seq> long_mix = {{4100, 1}, {4096, 37}, {300, 300}, {17, 1}, {1, 1}, {5, 0}, {33, 16}};
   const std::vector<Seq> short_mix = {{1024, 1}, {200, 200}, {700, 64}, {1, 1}, {16, 16}};
+  // Decode only: few rows, so the grouped kernel splits the context (split-K), with contexts that
+  // end inside a chunk, a chunk-sized one, and one of a single key; up to 32 chunks the last
+  // block merges (decode_short, 16/16, 8/2), beyond that merge_kernel (decode_mix, decode_one).
+  const std::vector<Seq> decode_mix = {{4100, 1}, {2048, 1}, {17, 1}, {1, 1}, {5, 0}, {33, 1}, {512, 1}};
+  const std::vector<Seq> decode_one = {{8191, 1}};
+  const std::vector<Seq> decode_short = {{300, 1}, {200, 1}, {37, 1}, {1, 1}};
   for (const Case& c : {Case{8, 1, 256, 1.0f, long_mix}, Case{8, 2, 128, 2.0f, long_mix},
                         Case{4, 4, 64, 4.0f, long_mix}, Case{16, 16, 256, 1.0f, short_mix},
-                        Case{6, 2, 10, 2.0f, short_mix}}) {
+                        Case{6, 2, 10, 2.0f, short_mix}, Case{8, 1, 256, 1.0f, decode_mix},
+                        Case{8, 1, 256, 3.0f, decode_one}, Case{16, 16, 256, 1.0f, decode_mix},
+                        Case{8, 2, 128, 2.0f, decode_mix}, Case{4, 4, 64, 4.0f, decode_one},
+                        Case{32, 1, 64, 2.0f, decode_mix}, Case{8, 1, 256, 2.0f, decode_short}}) {
     const int bs = 16;
     const int64_t D = c.D, row = static_cast<int64_t>(c.Hq + 2 * c.Hkv) * D;
     const std::string tag = " " + std::to_string(c.Hq) + "/" + std::to_string(c.Hkv) + " heads D=" + std::to_string(c.D);
@@ -299,8 +347,20 @@ TEST_P(CudaOps, PagedAttentionPrefillChunksDecodeLongContexts) {
                          ids(*cpu, tables, {S, max_blocks}), ap);
     gpu->paged_attention(o2, up(*gpu, q, {T, row}), k2, v2, ids(*gpu, cu), ids(*gpu, lens),
                          ids(*gpu, tables, {S, max_blocks}), ap);
-    expect_close("paged_attention" + tag + " T=" + std::to_string(T) + " S=" + std::to_string(S),
-                 host(*gpu, o2), host(*cpu, o1));
+    const std::string what = tag + " T=" + std::to_string(T) + " S=" + std::to_string(S);
+    const auto want = host(*cpu, o1);
+    // f32: the grouped kernel sums q.k as 8-element lane parts joined by a tree, the CPU left to
+    // right; with q_std 4 (scores spread over +-12, dot partial sums ~60, 1 ulp ~ 4e-6) the scores
+    // differ by ~1e-6 and the sharp softmax turns that into ~1e-5 of the output's RMS (measured
+    // 1.24e-5 on an H100 at 4/4 heads D=64; the stage-1 kernel sums in the CPU's order: 5e-6).
+    expect_close("paged_attention" + what, host(*gpu, o2), want, dt == DType::f32 ? 3e-5 : -1);
+    // The stage-1 kernel (one block per q head), still used for shapes the grouped one does not take.
+    cuda_set_kernel_options(*gpu, CudaKernelOptions{false, 8, true});
+    Tensor o3 = gpu->empty({T, c.Hq * D}, dt);
+    gpu->paged_attention(o3, up(*gpu, q, {T, row}), k2, v2, ids(*gpu, cu), ids(*gpu, lens),
+                         ids(*gpu, tables, {S, max_blocks}), ap);
+    cuda_set_kernel_options(*gpu, CudaKernelOptions{});
+    expect_close("paged_attention stage-1" + what, host(*gpu, o3), want);
   }
 }
 
