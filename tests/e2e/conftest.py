@@ -77,16 +77,21 @@ def fixture_expected(name):
 
 @pytest.fixture(scope="session")
 def golden_job():
-    """2 replicas x TP 2 serving the GQA golden fixture (5 ranks)."""
+    """2 replicas x TP 2 serving the GQA golden fixture (5 ranks), its PEFT adapters, and a broken one."""
+    broken_root = pathlib.Path(tempfile.mkdtemp(prefix="quilt-e2e-broken-"))
+    shutil.copytree(FIXTURES / "gqa-f32-new" / "adapters" / "b-r8-all", broken_root / "broken")
+    with open(broken_root / "broken" / "adapter_model.safetensors", "r+b") as f:
+        f.truncate(200)
     job = Job(f"""
 model: {{path: {FIXTURES / 'gqa-f32-new'}, id: gqa-tiny}}
 replicas: 2
 tensor_parallel: 2
 http: {{port: PORT, max_concurrent_requests: 2000}}
 limits: {{max_input_length: 200, max_total_tokens: 256, max_stop_sequences: 4}}
-adapters: {{roots: [{FIXTURES / 'gqa-f32-new' / 'adapters'}], slots: 2, max_rank: 16, preload: [a-r4-qv], retry_backoff_s: 1}}
+adapters: {{roots: [{FIXTURES / 'gqa-f32-new' / 'adapters'}, {broken_root}], slots: 2, max_rank: 16, preload: [a-r4-qv], retry_backoff_s: 1}}
 scheduler: {{max_batch_total_tokens: 4096, max_batch_prefill_tokens: 1024}}
 health: {{heartbeat_interval_s: 0.2}}
 """, 5, "golden")
     yield job
     job.stop()
+    shutil.rmtree(broken_root, ignore_errors=True)

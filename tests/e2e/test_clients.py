@@ -147,3 +147,32 @@ def test_adapter_errors(golden_job):
     assert r.status_code == 400 and "adapters.roots" in r.json()["error"]
     # the base model still answers
     assert requests.post(golden_job.url + "/generate", json={"inputs": "hi"}).status_code == 200
+
+
+def test_broken_adapter_gets_424_alone(golden_job):
+    client = Client(golden_job.url, timeout=60)
+
+    def broken():
+        r = requests.post(golden_job.url + "/generate", json={"inputs": "hi", "parameters": {"adapter_id": "broken"}})
+        return r.status_code, r.json()
+
+    def good():
+        case = BASE[0]
+        return [t.id for t in client.generate(case["prompt"], max_new_tokens=N, details=True).details.tokens] == case["greedy_ids"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        fb, fg = pool.submit(broken), pool.submit(good)
+        status, body = fb.result()
+        assert fg.result()
+    assert status == 424 and "broken" in body["error"] and "truncated" in body["error"]
+
+
+def test_32_concurrent_streams_equal_each_alone(golden_job):
+    client = Client(golden_job.url, timeout=120)
+    prompts = [f"Request {i}: tell me about the number {i * 7} and the colour of the sky." for i in range(32)]
+    alone = [[t.id for t in client.generate(p, max_new_tokens=N, details=True).details.tokens] for p in prompts]
+
+    def stream(p):
+        return [e.token.id for e in Client(golden_job.url, timeout=120).generate_stream(p, max_new_tokens=N)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+        together = list(pool.map(stream, prompts))
+    assert together == alone
