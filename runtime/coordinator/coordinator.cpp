@@ -463,6 +463,8 @@ void Coordinator::evict(int r, const std::string& key) {
   const int slot = it->second.slot;
   rep.sched->set_ready(key, false);
   rep.slot_owner[slot] = "";
+  if (it->second.state == AdapterOnReplica::State::resident)
+    metrics_.set("quilt_adapter_resident", 0, {{"adapter", it->second.id}, {"replica", std::to_string(r)}});
   const Bytes bytes = messages::encode(messages::EvictAdapter{it->second.id, slot});
   const int first = 1 + r * cfg_.tensor_parallel;
   for (int k = 0; k < cfg_.tensor_parallel; ++k) transport_.send(first + k, bytes);
@@ -557,7 +559,11 @@ void Coordinator::tick() {
     metrics_.set("quilt_kv_blocks_used", s.used_blocks(), l);
     metrics_.set("quilt_kv_blocks_total", s.used_blocks() + s.free_blocks(), l);
     size_t resident = 0;
-    for (const auto& [k, a] : replicas_[r].adapters) resident += a.state == AdapterOnReplica::State::resident;
+    for (const auto& [k, a] : replicas_[r].adapters) {
+      const bool res = a.state == AdapterOnReplica::State::resident;
+      resident += res;
+      if (res) metrics_.set("quilt_adapter_resident", 1, {{"adapter", a.id}, {"replica", std::to_string(r)}});
+    }
     metrics_.set("quilt_adapters_resident", static_cast<double>(resident), l);
   }
   publish_status();

@@ -24,11 +24,6 @@
 
 namespace quilt {
 
-struct AdapterStatus {
-  std::string id, path, state;  // state: loading | resident
-  int replica = 0, slot = -1;
-};
-
 struct CoordinatorStatus {
   int workers_total = 0;
   int workers_up = 0;

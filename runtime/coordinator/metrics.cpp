@@ -136,6 +136,7 @@ void Metrics::declare_serving_metrics(Metrics& m) {
   m.counter("quilt_adapter_evictions_total", "Adapters evicted from a slot to make room, per replica");
   m.histogram("quilt_adapter_load_duration_seconds", "Time to make an adapter resident on a replica (all its ranks)", seconds);
   m.gauge("quilt_adapters_resident", "Adapters resident, per replica");
+  m.gauge("quilt_adapter_resident", "1 when the adapter is resident on the replica, 0 once evicted");
   m.histogram("quilt_request_queue_duration_seconds", "Time from arrival to the first scheduled step", seconds);
   m.histogram("quilt_request_ttft_seconds", "Time to first token", seconds);
   m.histogram("quilt_request_time_per_output_token_seconds", "Mean time per output token after the first", seconds);

@@ -46,6 +46,12 @@ struct FinishEvent {
   double queue_s = 0, ttft_s = 0, total_s = 0;
 };
 
+// An adapter on a replica, as /info lists it.
+struct AdapterStatus {
+  std::string id, path, state;  // state: loading | resident
+  int replica = 0, slot = -1;
+};
+
 struct ApiError {
   int status = 500;        // HTTP status
   std::string type;        // LoRAX error_type: validation, overloaded, generation, ...

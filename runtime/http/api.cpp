@@ -681,7 +681,7 @@ std::string Api::error_body(bool openai, const Failure& e) {
   return dump(json{{"error", err}});
 }
 
-std::string Api::info_json(int64_t started) const {
+std::string Api::info_json(int64_t started, const std::vector<AdapterStatus>& adapters) const {
   json o;
   o["model_id"] = info_.model_id;
   o["model_sha"] = info_.sha.empty() ? json(nullptr) : json(info_.sha);
@@ -710,6 +710,11 @@ std::string Api::info_json(int64_t started) const {
   o["tensor_parallel"] = cfg_.tensor_parallel;
   o["backend"] = cfg_.backend;
   o["started"] = started;
+  o["adapter_slots"] = cfg_.adapter_slots;
+  json ads = json::array();
+  for (const auto& a : adapters)
+    ads.push_back(json{{"id", a.id}, {"path", a.path}, {"state", a.state}, {"replica", a.replica}, {"slot", a.slot}});
+  o["adapters"] = std::move(ads);
   return dump(o);
 }
 

@@ -93,7 +93,8 @@ class Api {
   // The error body for a route of this flavour.
   static std::string error_body(bool openai, const Failure& e);
 
-  std::string info_json(int64_t started) const;
+  // `adapters`: what the coordinator reports as loading or resident (listed under "adapters").
+  std::string info_json(int64_t started, const std::vector<AdapterStatus>& adapters = {}) const;
   std::string models_json(int64_t started) const;
   // POST /tokenize {"inputs", "add_special_tokens"?}: [{id, text, start, stop}] (char offsets).
   std::variant<std::string, Failure> tokenize(std::string_view body) const;

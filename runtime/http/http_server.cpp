@@ -304,7 +304,7 @@ struct HttpServer::Impl final : public kj::HttpServerErrorHandler {
         return reply_json(response, 200, label,
                           "{\"status\":\"ok\",\"workers_up\":" + std::to_string(st.workers_up) + "}");
       }
-      case Handler::info: return reply_json(response, 200, label, api.info_json(started_at));
+      case Handler::info: return reply_json(response, 200, label, api.info_json(started_at, coord.status().adapters));
       case Handler::models: return reply_json(response, 200, label, api.models_json(started_at));
       case Handler::metrics:
         return reply(response, 200, label, "text/plain; version=0.0.4; charset=utf-8", metrics.render());

@@ -107,6 +107,7 @@ def test_health_info_metrics_tokenize(golden_job):
     assert requests.get(golden_job.url + "/health").status_code == 200
     info = requests.get(golden_job.url + "/info").json()
     assert info["model_id"] == "gqa-tiny"
+    assert isinstance(info["adapters"], list) and info["adapter_slots"] == 2
     metrics = requests.get(golden_job.url + "/metrics").text
     assert "quilt_requests_total" in metrics and "quilt_request_ttft_seconds_bucket" in metrics
     toks = requests.post(golden_job.url + "/tokenize", json={"inputs": BASE[0]["prompt"]}).json()
@@ -137,6 +138,11 @@ def test_openai_model_names_the_adapter(golden_job):
     text = Client(golden_job.url).generate(case["prompt"], adapter_id="b-r8-all", max_new_tokens=N).generated_text
     c = oa.completions.create(model="b-r8-all", prompt=case["prompt"], max_tokens=N, temperature=0)
     assert c.choices[0].text == text
+    info = requests.get(golden_job.url + "/info").json()
+    assert any(a["id"] == "b-r8-all" and a["state"] == "resident" for a in info["adapters"]), info["adapters"]
+    metrics = requests.get(golden_job.url + "/metrics").text
+    assert 'quilt_adapter_requests_total{adapter="b-r8-all"}' in metrics
+    assert "quilt_adapter_load_duration_seconds_count" in metrics
 
 
 def test_adapter_errors(golden_job):
