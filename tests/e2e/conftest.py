@@ -95,3 +95,21 @@ health: {{heartbeat_interval_s: 0.2}}
     yield job
     job.stop()
     shutil.rmtree(broken_root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=[1, 4], ids=["tp1", "tp4"])
+def tp_job(request):
+    """One replica at tensor parallel 1 or 4 on the same fixture and adapters."""
+    tp = request.param
+    job = Job(f"""
+model: {{path: {FIXTURES / 'gqa-f32-new'}, id: gqa-tiny}}
+replicas: 1
+tensor_parallel: {tp}
+http: {{port: PORT}}
+limits: {{max_input_length: 200, max_total_tokens: 256}}
+scheduler: {{max_batch_total_tokens: 4096, max_batch_prefill_tokens: 1024}}
+adapters: {{roots: [{FIXTURES / 'gqa-f32-new' / 'adapters'}], slots: 3, max_rank: 16}}
+health: {{heartbeat_interval_s: 0.2}}
+""", 1 + tp, f"tp{tp}")
+    yield job
+    job.stop()

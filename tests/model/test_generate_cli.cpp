@@ -59,9 +59,9 @@ TEST(GenerateCli, ReproducesFixturesAtOneAndTwoRanks) {
   }
 }
 
-TEST(GenerateCli, AdapterReproducesPeftAtOneAndTwoRanks) {
+TEST(GenerateCli, AdapterReproducesPeftAtOneTwoAndFourRanks) {
   for (const auto& f : quilt::testing::load_fixtures()) {
-    for (int np : {1, 2}) {
+    for (int np : {1, 2, 4}) {
       for (const auto& c : f.cases) {
         if (!c.adapter || c.prompt_ids.size() > 60) continue;  // the short and medium prompts
         const CmdResult r = run(mpiexec(np) + QUILT_BINARY + " generate --json --model " + quote(f.dir) + " --adapter " +
