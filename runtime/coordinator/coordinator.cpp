@@ -54,7 +54,6 @@ Coordinator::Coordinator(const ServeConfig& cfg, const Tokenizer& tok, Transport
   sources_.roots = cfg.adapter_roots;
   sources_.hub_cache = cfg.adapter_hub_cache;
   last_seen_.assign(cfg.world_size(), Clock::time_point{});
-  seen_.assign(cfg.world_size(), false);
   status_.workers_total = cfg.world_size() - 1;
   status_.kv_blocks_total.assign(cfg.replicas, sc.num_blocks);
   status_.kv_blocks_used.assign(cfg.replicas, 0);
@@ -251,7 +250,6 @@ void Coordinator::handle(Incoming& in) {
   if (auto* hb = std::get_if<messages::Heartbeat>(&m)) {
     if (hb->rank > 0 && hb->rank < static_cast<int>(last_seen_.size())) {
       last_seen_[hb->rank] = Clock::now();
-      seen_[hb->rank] = true;
     }
     return;
   }
@@ -544,13 +542,18 @@ void Coordinator::on_loaded(const messages::AdapterLoaded& m) {
   evict(r, key);  // some ranks may hold half of it
 }
 
-void Coordinator::tick() {
+// Worker ranks whose last heartbeat is within health.heartbeat_timeout_s (never heard: down).
+int Coordinator::workers_up() const {
   const auto now = Clock::now();
   const auto timeout = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(cfg_.heartbeat_timeout_s));
   int up = 0;
   for (int rank = 1; rank < static_cast<int>(last_seen_.size()); ++rank)
-    if (seen_[rank] && now - last_seen_[rank] <= timeout) ++up;
-  metrics_.set("quilt_workers_up", up);
+    if (last_seen_[rank] != Clock::time_point{} && now - last_seen_[rank] <= timeout) ++up;
+  return up;
+}
+
+void Coordinator::tick() {
+  metrics_.set("quilt_workers_up", workers_up());
   for (int r = 0; r < static_cast<int>(replicas_.size()); ++r) {
     const auto& s = *replicas_[r].sched;
     const Labels l{{"replica", std::to_string(r)}};
@@ -570,12 +573,9 @@ void Coordinator::tick() {
 }
 
 void Coordinator::publish_status() {
-  const auto now = Clock::now();
-  const auto timeout = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(cfg_.heartbeat_timeout_s));
   CoordinatorStatus st;
   st.workers_total = static_cast<int>(last_seen_.size()) - 1;
-  for (int rank = 1; rank < static_cast<int>(last_seen_.size()); ++rank)
-    if (seen_[rank] && now - last_seen_[rank] <= timeout) ++st.workers_up;
+  st.workers_up = workers_up();
   st.healthy = !stopped_ && st.workers_up == st.workers_total;
   st.live_requests = live_.size();
   for (int ri = 0; ri < static_cast<int>(replicas_.size()); ++ri)

@@ -122,6 +122,7 @@ class Coordinator {
   void on_loaded(const messages::AdapterLoaded& m);
   double now_s() const;
   void publish_status();
+  int workers_up() const;
 
   ServeConfig cfg_;
   const Tokenizer& tok_;
@@ -141,8 +142,7 @@ class Coordinator {
   uint64_t next_load_id_ = 1;
   Placement placement_;
   Clock::time_point epoch_ = Clock::now();
-  std::vector<Clock::time_point> last_seen_;  // per worker rank (index 0 unused)
-  std::vector<bool> seen_;
+  std::vector<Clock::time_point> last_seen_;  // per worker rank (index 0 unused); epoch = never heard
   Clock::time_point next_tick_;
   mutable std::mutex status_mu_;
   CoordinatorStatus status_;

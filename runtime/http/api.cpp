@@ -186,6 +186,15 @@ void check_stops(Fields& f, const std::vector<std::string>& stops, int max_stops
     if (s.empty()) return f.reject("`stop` sequences must not be empty", "stop");
 }
 
+// top_p and typical_p: a probability mass in (0, 1] on both the native and the OpenAI routes.
+void nucleus(Fields& f, messages::SamplingParams& sp) {
+  for (auto [key, out] : {std::pair{"top_p", &sp.top_p}, std::pair{"typical_p", &sp.typical_p}})
+    if (auto p = f.number(key)) {
+      if (*p <= 0 || *p > 1) f.reject("`" + std::string(key) + "` must be > 0.0 and <= 1.0", key);
+      *out = static_cast<float>(*p);
+    }
+}
+
 // adapter_source: "local" or "hub" (the coordinator refuses s3/pbase by name: no network here).
 void adapter_fields(Fields& f, GenerateRequest& req) {
   if (auto src = f.string("adapter_source")) {
@@ -291,14 +300,7 @@ struct Api::Parsed {
         sp.do_sample = true;  // OpenAI: a temperature means sampling, 0 means greedy
       }
     }
-    if (auto p = f.number("top_p")) {
-      if (*p <= 0 || *p > 1) f.reject("`top_p` must be > 0.0 and <= 1.0", "top_p");
-      sp.top_p = static_cast<float>(*p);
-    }
-    if (auto p = f.number("typical_p")) {
-      if (*p <= 0 || *p > 1) f.reject("`typical_p` must be > 0.0 and <= 1.0", "typical_p");
-      sp.typical_p = static_cast<float>(*p);
-    }
+    nucleus(f, sp);
     if (auto k = f.integer("top_k")) {
       if (*k < -1) f.reject("`top_k` must be positive, or 0 or -1 for no limit", "top_k");
       sp.top_k = *k > 0 ? static_cast<int32_t>(*k) : 0;
@@ -393,14 +395,7 @@ std::variant<Job, Failure> Api::parse(Route route, std::string_view body, uint64
       if (*k <= 0) f.reject("`top_k` must be strictly positive", "top_k");
       sp.top_k = static_cast<int32_t>(*k);
     }
-    if (auto p = f.number("top_p")) {
-      if (*p <= 0 || *p > 1) f.reject("`top_p` must be > 0.0 and <= 1.0", "top_p");
-      sp.top_p = static_cast<float>(*p);
-    }
-    if (auto p = f.number("typical_p")) {
-      if (*p <= 0 || *p > 1) f.reject("`typical_p` must be > 0.0 and <= 1.0", "typical_p");
-      sp.typical_p = static_cast<float>(*p);
-    }
+    nucleus(f, sp);
     if (auto d = f.boolean("do_sample")) sp.do_sample = *d;
     sp.max_new_tokens = cfg_.default_max_new_tokens;
     if (auto m = f.integer("max_new_tokens")) {
