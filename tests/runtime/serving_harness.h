@@ -73,12 +73,13 @@ struct Job {
   std::unique_ptr<Coordinator> coord;
   GemmaConfig mcfg;
 
-  Job(const quilt::testing::Fixture& f, ServeConfig c)
+  // start_workers = false: the coordinator alone, its workers never report (for 503 tests).
+  Job(const quilt::testing::Fixture& f, ServeConfig c, bool start_workers = true)
       : cfg(c), net(c.world_size()), mcfg(GemmaConfig::from_file(f.dir + "/config.json")) {
     Metrics::declare_serving_metrics(metrics);
     tok = Tokenizer::load(f.dir);
     const Checkpoint ckpt = Checkpoint::open(f.dir);
-    for (int r = 0; r < cfg.replicas; ++r) {
+    for (int r = 0; start_workers && r < cfg.replicas; ++r) {
       auto w = std::make_unique<WorkerParts>();
       w->be = make_backend("cpu");
       w->model = std::make_unique<GemmaForCausalLM>(mcfg, *w->be, w->comm, ckpt);

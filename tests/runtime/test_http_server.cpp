@@ -20,8 +20,7 @@
 
 #include "runtime/coordinator/coordinator.h"
 #include "runtime/http/http_server.h"
-#include "runtime/worker/worker.h"
-#include "tests/model/fixtures.h"
+#include "tests/runtime/serving_harness.h"
 
 using namespace quilt;
 using nlohmann::json;
@@ -159,49 +158,14 @@ std::vector<json> sse_events(const std::string& body) {
   return out;
 }
 
-// ---- a coordinator, in-process workers, and the server (test_serving_inprocess's harness) ----
+// ---- the serving harness plus the HTTP server ----
 
-struct Job {
-  ServeConfig cfg;
-  InProcessNetwork net;
-  Metrics metrics;
-  std::unique_ptr<Tokenizer> tok;
-  struct WorkerParts {
-    std::unique_ptr<Backend> be;
-    SoloCommunicator comm;
-    std::unique_ptr<GemmaForCausalLM> model;
-    std::unique_ptr<ModelRunner> runner;
-    std::unique_ptr<Worker> worker;
-    std::thread thread;
-  };
-  std::vector<std::unique_ptr<WorkerParts>> workers;
-  std::unique_ptr<Coordinator> coord;
+struct Job : quilt::testing::Job {
   std::unique_ptr<HttpServer> server;
-  GemmaConfig mcfg;
   int port = 0;
 
   Job(const quilt::testing::Fixture& f, ServeConfig c, bool start_workers = true, HttpServerOptions opts = {})
-      : cfg(c), net(c.world_size()), mcfg(GemmaConfig::from_file(f.dir + "/config.json")) {
-    Metrics::declare_serving_metrics(metrics);
-    tok = Tokenizer::load(f.dir);
-    if (start_workers) {
-      const Checkpoint ckpt = Checkpoint::open(f.dir);
-      for (int r = 0; r < cfg.replicas; ++r) {
-        auto w = std::make_unique<WorkerParts>();
-        w->be = make_backend("cpu");
-        w->model = std::make_unique<GemmaForCausalLM>(mcfg, *w->be, w->comm, ckpt);
-        w->runner = std::make_unique<ModelRunner>(*w->model, cfg.effective_kv_blocks(), cfg.block_size,
-                                                  mcfg.eos_token_ids, r);
-        WorkerOptions opt;
-        opt.replica = r;
-        opt.heartbeat_interval_s = 0.05;
-        w->worker = std::make_unique<Worker>(*w->runner, net.endpoint(1 + r), opt);
-        workers.push_back(std::move(w));
-      }
-      for (auto& w : workers) w->thread = std::thread([p = w.get()] { p->worker->run(); });
-    }
-    coord = std::make_unique<Coordinator>(cfg, *tok, net.endpoint(0), mcfg.eos_token_ids, metrics);
-    coord->start();
+      : quilt::testing::Job(f, c, start_workers) {
     ModelInfo info;
     info.model_id = cfg.model_id;
     info.eos_ids = mcfg.eos_token_ids;
@@ -209,11 +173,7 @@ struct Job {
     server->start();
     port = server->port();
   }
-  ~Job() {
-    server->stop();
-    coord->shutdown();
-    for (auto& w : workers) w->thread.join();
-  }
+  ~Job() { server->stop(); }  // before the base shuts the coordinator down
   bool wait_healthy() {
     for (int i = 0; i < 200 && !coord->status().healthy; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
     return coord->status().healthy;
