@@ -11,6 +11,15 @@ void Backend::lora_sgmv(Tensor&, const Tensor&, const std::vector<LoraSegment>&,
   QUILT_FAIL("backend '", name(), "' has no LoRA kernel yet: serve adapters with the cpu backend");
 }
 
+void Backend::lora_sgmv_multi(Tensor& y, const Tensor& x, const std::vector<LoraProblem>& problems) {
+  for (const LoraProblem& p : problems)
+    if (!p.segments.empty()) lora_sgmv(y, x, p.segments, p.col_offset);
+}
+
+std::unique_ptr<BackendGraph> Backend::capture_graph(const std::function<void()>&) {
+  QUILT_FAIL("backend '", name(), "' cannot record graphs");
+}
+
 std::vector<std::string> compiled_backends() {
 #ifdef QUILT_HAVE_CUDA
   return {"cpu", "cuda"};

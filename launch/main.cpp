@@ -4,12 +4,14 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
+#include <malloc.h>
 #include <unistd.h>
 
 #include <csignal>
 #include <filesystem>
 #include <thread>
 
+#include "launch/bench_step.h"
 #include "launch/generate.h"
 #include "launch/init_model.h"
 #include "runtime/config/serve_config.h"
@@ -17,6 +19,11 @@
 #include "runtime/core/log.h"
 
 int main(int argc, char** argv) {
+  // Logits of a large batch (64 rows x 256k vocabulary x 4 bytes = 65 MB) would otherwise be a
+  // fresh mmap every step, page-faulted and zeroed again (measured: ~50 ms per step on an H100
+  // host at batch 64). Keep big blocks in the heap, and the heap's top, for reuse.
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   CLI::App app{"Quilt: a multi-LoRA serving runtime for Gemma"};
   app.require_subcommand(1);
   std::string log_level = "info";
@@ -62,6 +69,28 @@ int main(int argc, char** argv) {
   ln->add_flag("--dry-run", launch_dry, "Print the mpirun command instead of running it");
   ln->add_option("--mpirun-arg", mpirun_args, "An extra argument for mpirun (repeatable), e.g. --mpirun-arg=--hostfile "
                                                "--mpirun-arg=hosts.txt for several nodes");
+
+  quilt::BenchStepOptions bench;
+  auto* bs = app.add_subcommand("bench-step", "Time the model's step on random weights of a real Gemma shape: decode, "
+                                               "prefill, LoRA overhead, all-reduce; each figure with its bound. Under "
+                                               "mpirun -np P the ranks form one tensor-parallel group (one GPU each).");
+  bs->add_option("--preset", bench.preset, "gemma-2b, gemma-7b or tiny")->capture_default_str();
+  bs->add_option("--backend", bench.backend, "cuda or cpu")->capture_default_str();
+  bs->add_option("--batch", bench.batches, "Decode batch sizes")->delimiter(',')->capture_default_str();
+  bs->add_option("--context", bench.contexts, "Decode context lengths")->delimiter(',')->capture_default_str();
+  bs->add_option("--prefill", bench.prefills, "Prompt lengths for the prefill figures")->delimiter(',')->capture_default_str();
+  bs->add_option("--lora-adapters", bench.lora_adapters, "Distinct adapters in the LoRA batch")->delimiter(',')->capture_default_str();
+  bs->add_option("--lora-rank", bench.lora_rank, "LoRA rank (all 7 modules)")->capture_default_str()->check(CLI::PositiveNumber);
+  bs->add_option("--lora-batch", bench.lora_batch, "Decode batch of the LoRA figures")->capture_default_str()->check(CLI::PositiveNumber);
+  bs->add_option("--lora-context", bench.lora_context, "Context of the LoRA figures")->capture_default_str()->check(CLI::PositiveNumber);
+  bs->add_option("--steps", bench.steps, "Timed decode steps per figure (median)")->capture_default_str()->check(CLI::PositiveNumber);
+  bs->add_option("--graphs", bench.graphs, "Decode with CUDA graphs: on, off or both")->capture_default_str()
+      ->check(CLI::IsMember({"on", "off", "both"}));
+  bs->add_option("--hbm-tbs", bench.hbm_tbs, "Memory bandwidth in TB/s for the bounds (default: from the GPU's name)");
+  bs->add_option("--peak-tflops", bench.peak_tflops, "Dense bf16 TFLOP/s for the prefill bound (default: from the GPU's name)");
+  bs->add_option("--json", bench.json_path, "Append every figure to this file as JSON lines");
+  bs->add_option("--only", bench.only, "Sections to run: decode, prefill, lora, allreduce (default: all)")
+      ->delimiter(',')->check(CLI::IsMember({"decode", "prefill", "lora", "allreduce"}));
 
   try {
     app.parse(argc, argv);
@@ -128,6 +157,7 @@ int main(int argc, char** argv) {
     quilt::log::set_level(quilt::log::parse_level(log_level));
     if (g->parsed()) rc = quilt::run_generate(gen, MPI_COMM_WORLD);
     if (sv->parsed()) rc = quilt::run_serve(serve, MPI_COMM_WORLD);
+    if (bs->parsed()) rc = quilt::run_bench_step(bench, MPI_COMM_WORLD);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "quilt: error%s: %s\n",
                  world > 1 ? (" on rank " + std::to_string(rank)).c_str() : "", e.what());

@@ -26,8 +26,15 @@ JobLayout split_job(const ServeConfig& cfg, MPI_Comm world);
 // The configured model folder, or the embedded tiny model written to a temp folder.
 std::string resolve_model_dir(const ServeConfig& cfg);
 
-// A worker rank's life: load the shard, then run plans until Shutdown.
+// A worker rank's life: load the shard, size the KV cache (agree_kv_blocks), then run plans
+// until Shutdown.
 void run_worker_role(const ServeConfig& cfg, const std::string& model_dir, const JobLayout& layout,
-                     Transport& transport);
+                     Transport& transport, MPI_Comm world);
+
+// Collective over `world` (the coordinator and every worker call it once, after the workers have
+// loaded): the KV blocks every replica uses, the smallest `mine` of all ranks (the coordinator
+// passes INT_MAX). Throws, naming the keys to change, when that cannot hold one request of
+// limits.max_total_tokens.
+int agree_kv_blocks(const ServeConfig& cfg, int mine, MPI_Comm world);
 
 }  // namespace quilt

@@ -1,5 +1,6 @@
 #include "launch/serve.h"
 
+#include <climits>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -36,7 +37,7 @@ int run_serve(const ServeOptions& opt, MPI_Comm world) {
   if (embedded && cfg.adapter_roots.empty()) cfg.adapter_roots.push_back(model_dir + "/adapters");
 
   if (!layout.coordinator) {
-    run_worker_role(cfg, model_dir, layout, transport);
+    run_worker_role(cfg, model_dir, layout, transport, world);
     return 0;
   }
 
@@ -48,6 +49,9 @@ int run_serve(const ServeOptions& opt, MPI_Comm world) {
   const GemmaConfig mcfg = GemmaConfig::from_file(model_dir + "/config.json");
   auto tok = Tokenizer::load(model_dir);
   const std::vector<int> eos = load_eos_ids(model_dir, mcfg);
+  // Waits for the workers to load and size their KV caches (the GPUs' free memory decides).
+  log::info("waiting for the workers to load the model and size their KV caches");
+  cfg.kv_blocks = agree_kv_blocks(cfg, INT_MAX, world);
   Metrics metrics;
   Metrics::declare_serving_metrics(metrics);
   Coordinator coord(cfg, *tok, transport, eos, metrics);

@@ -13,9 +13,28 @@ GemmaForCausalLM::GemmaForCausalLM(const GemmaConfig& config, Backend& backend, 
   w_ = load_gemma_weights(ckpt, cfg_, tp_, be_, progress);
 }
 
+GemmaForCausalLM::GemmaForCausalLM(const GemmaConfig& config, Backend& backend, Communicator& comm,
+                                   GemmaWeights weights)
+    : cfg_(config), be_(backend), comm_(comm), tp_(TpLayout::make(config, comm.rank(), comm.size())),
+      w_(std::move(weights)) {
+  const int64_t H = cfg_.hidden_size, D = cfg_.head_dim;
+  auto is = [](const Tensor& t, int64_t rows, int64_t cols) { return t.rank() == 2 && t.dim(0) == rows && t.dim(1) == cols; };
+  QUILT_REQUIRE(w_.layers.size() == static_cast<size_t>(cfg_.num_hidden_layers) && is(w_.embed, tp_.vocab_per_rank, H),
+                "GemmaForCausalLM: the given weights do not have this config's shapes");
+  for (const LayerWeights& L : w_.layers)
+    QUILT_REQUIRE(is(L.qkv, (tp_.q_heads + 2 * tp_.kv_heads) * D, H) && is(L.o, H, tp_.q_heads * D) &&
+                      is(L.gate_up, 2 * tp_.intermediate, H) && is(L.down, H, tp_.intermediate),
+                  "GemmaForCausalLM: a layer's weights do not have this config's shapes");
+}
+
 KvCache GemmaForCausalLM::allocate_kv_cache(int num_blocks, int block_size) {
   return KvCache::allocate(be_, cfg_.num_hidden_layers, num_blocks, block_size, tp_.kv_heads,
                            cfg_.head_dim);
+}
+
+size_t GemmaForCausalLM::kv_bytes_per_block(int block_size) const {
+  return static_cast<size_t>(cfg_.num_hidden_layers) * 2 * block_size * tp_.kv_heads * cfg_.head_dim *
+         dtype_size(be_.compute_dtype());
 }
 
 LoraAdapterShard GemmaForCausalLM::load_adapter(const HostLoraAdapter& adapter) {
@@ -62,106 +81,254 @@ ForwardOutput GemmaForCausalLM::forward(const ForwardInputs& in, KvCache& kv) {
   for (int32_t s : in.slots)
     QUILT_REQUIRE(s < static_cast<int64_t>(kv.num_blocks) * kv.block_size, "forward: slot ", s, " outside the cache");
 
-  const Tensor ids = be_.from_host_i32(in.input_ids.data(), {T});
-  const Tensor pos = be_.from_host_i32(in.position_ids.data(), {T});
-  const Tensor slots = be_.from_host_i32(in.slots.data(), {T});
-  const Tensor cu = be_.from_host_i32(in.cu_seqlen_prefill.data(), {S + 1});
-  const Tensor lens = be_.from_host_i32(in.seqlen.data(), {S});
-  const Tensor tables = be_.from_host_i32(in.block_tables.data(), {S, in.max_blocks_per_seq});
-
-  const DType dt = be_.compute_dtype();
-  const int64_t qkv_w = (tp_.q_heads + 2 * tp_.kv_heads) * D;
-  Tensor x = be_.empty({T, H}, dt);  // the residual stream
-  Tensor normed = be_.empty({T, H}, dt);
-  Tensor qkv = be_.empty({T, qkv_w}, dt);
-  Tensor attn = be_.empty({T, tp_.q_heads * D}, dt);
-  Tensor proj = be_.empty({T, H}, dt);
-  Tensor gate_up = be_.empty({T, 2 * tp_.intermediate}, dt);
-  Tensor act = be_.empty({T, tp_.intermediate}, dt);
-
-  // The reference rounds sqrt(hidden) to the activation dtype before scaling.
-  const float normalizer = static_cast<float>(std::sqrt(static_cast<double>(H)));
-  be_.embedding(x, w_.embed, ids, tp_.vocab_begin, normalizer);
-  comm_.all_reduce_sum(x);
-
-  const RopeParams rope{tp_.q_heads, tp_.kv_heads, cfg_.head_dim, cfg_.rope_theta};
-  const KvWriteParams kvw{tp_.q_heads, tp_.kv_heads, cfg_.head_dim, kv.block_size};
-  const AttentionParams ap{tp_.q_heads, tp_.kv_heads, cfg_.head_dim, kv.block_size,
-                           in.max_blocks_per_seq, static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)))};
-  const float eps = cfg_.rms_norm_eps;
-
-  // LoRA segments of one module in one layer.
-  auto lora = [&](int l, LoraTarget t) {
-    std::vector<LoraSegment> out;
-    for (const auto& seg : segments)
-      if (const auto& m = seg.adapter->layers[l][static_cast<int>(t)])
-        out.push_back(LoraSegment{seg.row_begin, seg.row_end, &m->A, &m->B});
-    return out;
-  };
-  auto apply = [&](Tensor& y, const Tensor& xin, int l, LoraTarget t, int64_t col) {
-    if (segments.empty()) return;
-    const auto segs = lora(l, t);
-    if (!segs.empty()) be_.lora_sgmv(y, xin, segs, col);
-  };
-  const int64_t q_w = static_cast<int64_t>(tp_.q_heads) * D, kv_w = static_cast<int64_t>(tp_.kv_heads) * D;
-
-  be_.rms_norm(normed, x, w_.layers[0].input_norm, eps);
-  for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
-    const LayerWeights& L = w_.layers[l];
-    be_.matmul(qkv, normed, L.qkv, false);
-    apply(qkv, normed, l, LoraTarget::q, 0);
-    apply(qkv, normed, l, LoraTarget::k, q_w);
-    apply(qkv, normed, l, LoraTarget::v, q_w + kv_w);
-    be_.rope(qkv, pos, rope);
-    be_.write_kv_cache(kv.k[l], kv.v[l], qkv, slots, kvw);
-    be_.paged_attention(attn, qkv, kv.k[l], kv.v[l], cu, lens, tables, ap);
-    be_.matmul(proj, attn, L.o, false);
-    apply(proj, attn, l, LoraTarget::o, 0);  // the rank's partial joins the all-reduce
-    comm_.all_reduce_sum(proj);
-    be_.add_rms_norm(x, normed, proj, L.post_norm, eps);
-
-    be_.matmul(gate_up, normed, L.gate_up, false);
-    apply(gate_up, normed, l, LoraTarget::gate, 0);
-    apply(gate_up, normed, l, LoraTarget::up, tp_.intermediate);
-    be_.gelu_tanh_mul(act, gate_up);
-    be_.matmul(proj, act, L.down, false);
-    apply(proj, act, l, LoraTarget::down, 0);
-    comm_.all_reduce_sum(proj);
-    const Tensor& next_norm = l + 1 < cfg_.num_hidden_layers ? w_.layers[l + 1].input_norm : w_.final_norm;
-    be_.add_rms_norm(x, normed, proj, next_norm, eps);
-  }
-
+  last_replayed_ = false;
   ForwardOutput out;
-  if (in.skip_lm_head) return out;
+  if (forward_graph(in, kv, out)) return out;
+
+  const int64_t M = in.skip_lm_head ? 0 : (in.lm_head_indices.empty() ? T : static_cast<int64_t>(in.lm_head_indices.size()));
   std::vector<int32_t> rows = in.lm_head_indices;
-  if (rows.empty()) {
+  if (rows.empty() && M > 0) {
     rows.resize(T);
     for (int64_t t = 0; t < T; ++t) rows[t] = static_cast<int32_t>(t);
   }
   for (int32_t r : rows)
     QUILT_REQUIRE(r >= 0 && r < T, "forward: lm_head index ", r, " outside [0, ", T, ")");
-  const int64_t M = static_cast<int64_t>(rows.size());
-  const Tensor idx = be_.from_host_i32(rows.data(), {M});
-  Tensor h = be_.empty({M, H}, dt);
-  be_.gather_rows(h, normed, idx);
-  Tensor local = be_.empty({M, tp_.vocab_per_rank}, dt);
-  be_.matmul(local, h, w_.embed, false);  // tied lm_head
 
+  StepTensors st = allocate_step(T, S, M, in.max_blocks_per_seq);
+  be_.upload_i32(st.ids, in.input_ids.data());
+  be_.upload_i32(st.pos, in.position_ids.data());
+  be_.upload_i32(st.slots, in.slots.data());
+  be_.upload_i32(st.cu, in.cu_seqlen_prefill.data());
+  be_.upload_i32(st.lens, in.seqlen.data());
+  be_.upload_i32(st.tables, in.block_tables.data());
+  if (M > 0) be_.upload_i32(st.rows, rows.data());
+  st.host = &in;
+  run_ops(st, segments, in.max_blocks_per_seq, kv);
+  if (M == 0) return out;
+  if (in.logits_on_device) {
+    out.rows = M;
+    out.device_logits = st.all;
+    return out;
+  }
+  return download_logits(st.all, M, M);
+}
+
+void GemmaForCausalLM::set_decode_graphs(int max_batch) {
+  QUILT_REQUIRE(max_batch >= 0, "decode graphs: max_batch must be >= 0, not ", max_batch);
+  graphs_.clear();
+  graph_arena_ = StepTensors{};
+  graph_max_batch_ = be_.supports_graphs() ? max_batch : 0;
+}
+
+GemmaForCausalLM::StepTensors GemmaForCausalLM::allocate_step(int64_t T, int64_t S, int64_t M, int max_blocks) {
+  const DType dt = be_.compute_dtype();
+  const int64_t H = cfg_.hidden_size, D = cfg_.head_dim, P = comm_.size();
+  StepTensors t;
+  t.ids = be_.empty({T}, DType::i32);
+  t.pos = be_.empty({T}, DType::i32);
+  t.slots = be_.empty({T}, DType::i32);
+  t.cu = be_.empty({S + 1}, DType::i32);
+  t.lens = be_.empty({S}, DType::i32);
+  t.tables = be_.empty({S, max_blocks}, DType::i32);
+  t.rows = be_.empty({M}, DType::i32);
+  t.x = be_.empty({T, H}, dt);  // the residual stream
+  t.normed = be_.empty({T, H}, dt);
+  t.qkv = be_.empty({T, (tp_.q_heads + 2 * tp_.kv_heads) * D}, dt);
+  t.attn = be_.empty({T, tp_.q_heads * D}, dt);
+  t.proj = be_.empty({T, H}, dt);
+  t.gate_up = be_.empty({T, 2 * tp_.intermediate}, dt);
+  t.act = be_.empty({T, tp_.intermediate}, dt);
+  if (M > 0) {
+    t.h = be_.empty({M, H}, dt);
+    t.local = be_.empty({M, tp_.vocab_per_rank}, dt);
+    t.all = P == 1 ? t.local : be_.empty({P, M, tp_.vocab_per_rank}, dt);
+  }
+  return t;
+}
+
+GemmaForCausalLM::StepTensors GemmaForCausalLM::rows_of(const StepTensors& a, int64_t B, Tensor tables) const {
+  StepTensors t;
+  t.ids = a.ids.slice_rows(0, B);
+  t.pos = a.pos.slice_rows(0, B);
+  t.slots = a.slots.slice_rows(0, B);
+  t.cu = a.cu.slice_rows(0, B + 1);
+  t.lens = a.lens.slice_rows(0, B);
+  t.tables = std::move(tables);
+  t.rows = a.rows.slice_rows(0, B);
+  t.x = a.x.slice_rows(0, B);
+  t.normed = a.normed.slice_rows(0, B);
+  t.qkv = a.qkv.slice_rows(0, B);
+  t.attn = a.attn.slice_rows(0, B);
+  t.proj = a.proj.slice_rows(0, B);
+  t.gate_up = a.gate_up.slice_rows(0, B);
+  t.act = a.act.slice_rows(0, B);
+  t.h = a.h.slice_rows(0, B);
+  t.local = a.local.slice_rows(0, B);
+  if (comm_.size() == 1) {
+    t.all = t.local;
+  } else {  // [P, B, Vr]: the leading P * B * Vr elements of the arena's [P, max, Vr]
+    const int64_t P = comm_.size(), Vr = tp_.vocab_per_rank;
+    t.all = a.all.view({a.all.numel()}).slice_rows(0, P * B * Vr).view({P, B, Vr});
+  }
+  return t;
+}
+
+void GemmaForCausalLM::run_ops(StepTensors& t, const std::vector<AdapterSegment>& segments, int max_blocks,
+                               KvCache& kv) {
+  const int64_t H = cfg_.hidden_size, D = cfg_.head_dim;
+  // The reference rounds sqrt(hidden) to the activation dtype before scaling.
+  const float normalizer = static_cast<float>(std::sqrt(static_cast<double>(H)));
+  be_.embedding(t.x, w_.embed, t.ids, tp_.vocab_begin, normalizer);
+  comm_.all_reduce_sum(t.x);
+
+  const RopeParams rope{tp_.q_heads, tp_.kv_heads, cfg_.head_dim, cfg_.rope_theta};
+  const KvWriteParams kvw{tp_.q_heads, tp_.kv_heads, cfg_.head_dim, kv.block_size};
+  const AttentionParams ap{tp_.q_heads, tp_.kv_heads, cfg_.head_dim, kv.block_size,
+                           max_blocks, static_cast<float>(1.0 / std::sqrt(static_cast<double>(D))),
+                           t.host ? t.host->cu_seqlen_prefill.data() : nullptr, t.host ? t.host->seqlen.data() : nullptr,
+                           t.host ? static_cast<int>(t.host->seqlen.size()) : 0};
+  const float eps = cfg_.rms_norm_eps;
+
+  // LoRA segments of one module in one layer.
+  auto lora = [&](int l, LoraTarget tg) {
+    std::vector<LoraSegment> out;
+    for (const auto& seg : segments)
+      if (const auto& m = seg.adapter->layers[l][static_cast<int>(tg)])
+        out.push_back(LoraSegment{seg.row_begin, seg.row_end, &m->A, &m->B});
+    return out;
+  };
+  auto apply = [&](Tensor& y, const Tensor& xin, int l, LoraTarget tg, int64_t col) {
+    if (segments.empty()) return;
+    const auto segs = lora(l, tg);
+    if (!segs.empty()) be_.lora_sgmv(y, xin, segs, col);
+  };
+  // Modules that read the same input into column ranges of one output (q/k/v, gate/up): one call.
+  auto apply_multi = [&](Tensor& y, const Tensor& xin, int l,
+                         std::initializer_list<std::pair<LoraTarget, int64_t>> mods) {
+    if (segments.empty()) return;
+    std::vector<LoraProblem> problems;
+    for (const auto& [tg, col] : mods)
+      if (auto segs = lora(l, tg); !segs.empty()) problems.push_back(LoraProblem{std::move(segs), col});
+    if (!problems.empty()) be_.lora_sgmv_multi(y, xin, problems);
+  };
+  const int64_t q_w = static_cast<int64_t>(tp_.q_heads) * D, kv_w = static_cast<int64_t>(tp_.kv_heads) * D;
+
+  be_.rms_norm(t.normed, t.x, w_.layers[0].input_norm, eps);
+  for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
+    const LayerWeights& L = w_.layers[l];
+    be_.matmul(t.qkv, t.normed, L.qkv, false);
+    apply_multi(t.qkv, t.normed, l, {{LoraTarget::q, 0}, {LoraTarget::k, q_w}, {LoraTarget::v, q_w + kv_w}});
+    be_.rope(t.qkv, t.pos, rope);
+    be_.write_kv_cache(kv.k[l], kv.v[l], t.qkv, t.slots, kvw);
+    be_.paged_attention(t.attn, t.qkv, kv.k[l], kv.v[l], t.cu, t.lens, t.tables, ap);
+    be_.matmul(t.proj, t.attn, L.o, false);
+    apply(t.proj, t.attn, l, LoraTarget::o, 0);  // the rank's partial joins the all-reduce
+    comm_.all_reduce_sum(t.proj);
+    be_.add_rms_norm(t.x, t.normed, t.proj, L.post_norm, eps);
+
+    be_.matmul(t.gate_up, t.normed, L.gate_up, false);
+    apply_multi(t.gate_up, t.normed, l, {{LoraTarget::gate, 0}, {LoraTarget::up, tp_.intermediate}});
+    be_.gelu_tanh_mul(t.act, t.gate_up);
+    be_.matmul(t.proj, t.act, L.down, false);
+    apply(t.proj, t.act, l, LoraTarget::down, 0);
+    comm_.all_reduce_sum(t.proj);
+    const Tensor& next_norm = l + 1 < cfg_.num_hidden_layers ? w_.layers[l + 1].input_norm : w_.final_norm;
+    be_.add_rms_norm(t.x, t.normed, t.proj, next_norm, eps);
+  }
+  if (t.rows.numel() == 0) return;
+  be_.gather_rows(t.h, t.normed, t.rows);
+  be_.matmul(t.local, t.h, w_.embed, false);  // tied lm_head
+  if (comm_.size() > 1) comm_.all_gather(t.all, t.local);
+}
+
+ForwardOutput GemmaForCausalLM::download_logits(const Tensor& all, int64_t M, int64_t M_alloc) {
   const int64_t V = cfg_.vocab_size, Vr = tp_.vocab_per_rank, P = comm_.size();
+  ForwardOutput out;
   out.rows = M;
   out.logits.resize(static_cast<size_t>(M * V));
-  // Each rank holds [M, Vr] of its vocab shard; gathered as [P, M, Vr] and laid out as [M, V]
-  // without the padding rows of the last shard.
-  Tensor all = P == 1 ? local : be_.empty({P, M, Vr}, dt);
-  if (P > 1) comm_.all_gather(all, local);
-  std::vector<float> gathered(static_cast<size_t>(P * M * Vr));
+  if (P == 1) {  // [M_alloc, Vr]: the first M rows, straight into place
+    if (Vr == V) {
+      be_.to_host_f32(out.logits.data(), all.slice_rows(0, M));
+      return out;
+    }
+  }
+  // Each rank holds [M, Vr] of its vocab shard; gathered as [P, M_alloc, Vr] and laid out as
+  // [M, V] without the padding rows of the last shard.
+  std::vector<float> gathered(static_cast<size_t>(P * M_alloc * Vr));
   be_.to_host_f32(gathered.data(), all);
   for (int64_t p = 0; p < P; ++p) {
     const int64_t v0 = p * Vr, n = std::max<int64_t>(0, std::min(V, v0 + Vr) - v0);
     for (int64_t m = 0; m < M; ++m)
-      std::copy_n(gathered.data() + (p * M + m) * Vr, n, out.logits.data() + m * V + v0);
+      std::copy_n(gathered.data() + (p * M_alloc + m) * Vr, n, out.logits.data() + m * V + v0);
   }
   return out;
+}
+
+bool GemmaForCausalLM::forward_graph(const ForwardInputs& in, KvCache& kv, ForwardOutput& out) {
+  const int64_t T = static_cast<int64_t>(in.input_ids.size());
+  const int64_t S = static_cast<int64_t>(in.seqlen.size());
+  if (graph_max_batch_ <= 0 || T == 0 || T != S || T > graph_max_batch_ || in.skip_lm_head ||
+      !in.adapter_data.empty())
+    return false;
+  if (!in.lm_head_indices.empty()) {
+    if (static_cast<int64_t>(in.lm_head_indices.size()) != T) return false;
+    for (int64_t t = 0; t < T; ++t)
+      if (in.lm_head_indices[t] != t) return false;
+  }
+  // Batch bucket: the next power of two, at most max_batch; table width: the next power of two.
+  int B = 1;
+  while (B < T) B *= 2;
+  B = std::min(B, graph_max_batch_);
+  int W = 1;
+  while (W < in.max_blocks_per_seq) W *= 2;
+
+  if (!graph_arena_.ids.data()) {
+    graph_arena_ = allocate_step(graph_max_batch_, graph_max_batch_, graph_max_batch_, 1);
+    std::vector<int32_t> rows(graph_max_batch_);
+    for (int b = 0; b < graph_max_batch_; ++b) rows[b] = b;
+    be_.upload_i32(graph_arena_.rows, rows.data());
+  }
+  DecodeGraph& g = graphs_[{B, W}];
+  if (!g.t.ids.data()) g.t = rows_of(graph_arena_, B, be_.empty({B, W}, DType::i32));
+  // Padding rows decode a one-token context in block 0 and write nothing (slot -1); their
+  // outputs are never read.
+  std::vector<int32_t> ids(B, 0), pos(B, 0), slots(B, -1), cu(B + 1), lens(B, 1), tables(static_cast<size_t>(B) * W, 0);
+  for (int b = 0; b <= B; ++b) cu[b] = b;
+  for (int64_t t = 0; t < T; ++t) {
+    ids[t] = in.input_ids[t];
+    pos[t] = in.position_ids[t];
+    slots[t] = in.slots[t];
+    lens[t] = in.seqlen[t];
+    std::copy_n(in.block_tables.begin() + t * in.max_blocks_per_seq, in.max_blocks_per_seq, tables.begin() + t * W);
+  }
+  be_.upload_i32(g.t.ids, ids.data());
+  be_.upload_i32(g.t.pos, pos.data());
+  be_.upload_i32(g.t.slots, slots.data());
+  be_.upload_i32(g.t.cu, cu.data());
+  be_.upload_i32(g.t.lens, lens.data());
+  be_.upload_i32(g.t.tables, tables.data());
+
+  const std::vector<AdapterSegment> none;
+  const void* kv_key = kv.k.empty() ? nullptr : kv.k[0].data();
+  if (g.graph && g.epoch == be_.graph_epoch() && g.kv_key == kv_key) {
+    g.graph->launch();
+    last_replayed_ = true;
+  } else {
+    // This step runs eagerly (kernels that tune themselves per shape do it here), then the same
+    // ops are recorded for the next steps of this bucket.
+    g.graph.reset();
+    run_ops(g.t, none, W, kv);
+    g.graph = be_.capture_graph([&] { run_ops(g.t, none, W, kv); });
+    g.epoch = be_.graph_epoch();
+    g.kv_key = kv_key;
+  }
+  if (in.logits_on_device) {
+    out.rows = T;
+    out.device_logits = g.t.all;  // the graphs' buffer: valid until the next forward
+  } else {
+    out = download_logits(g.t.all, T, B);
+  }
+  return true;
 }
 
 }  // namespace quilt

@@ -1,4 +1,6 @@
 #pragma once
+#include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -40,12 +42,19 @@ struct ForwardInputs {
   std::vector<int32_t> prefill_cache_indices;  // sliding-window models only; must be empty
   std::vector<int32_t> lm_head_indices;        // rows that need logits; empty = every row
   bool skip_lm_head = false;
+  // Leave the logits on the backend (ForwardOutput::device_logits, for Backend::sample) instead
+  // of downloading them.
+  bool logits_on_device = false;
 };
 
 struct ForwardOutput {
   std::vector<float> logits;  // [M, vocab_size] on the host, M = rows asked for (0 if skipped)
   int64_t rows = 0;
   std::optional<std::vector<float>> speculative_logits;  // always empty: no speculation
+  // With logits_on_device: [M_alloc, Vr] (one rank) or [P, M_alloc, Vr] (the all-gathered vocab
+  // shards) on the backend, rows [0, rows) valid, columns past vocab_size padding; valid until
+  // the next forward. `logits` is then empty.
+  Tensor device_logits;
 };
 
 class GemmaForCausalLM {
@@ -54,20 +63,65 @@ class GemmaForCausalLM {
   GemmaForCausalLM(const GemmaConfig& config, Backend& backend, Communicator& comm,
                    const Checkpoint& ckpt, const LoadProgress& progress = {});
 
+  // Takes this rank's shard as made elsewhere (benchmarks: random weights of real shapes). The
+  // tensors must have the shapes load_gemma_weights gives for this layout.
+  GemmaForCausalLM(const GemmaConfig& config, Backend& backend, Communicator& comm, GemmaWeights weights);
+
   ForwardOutput forward(const ForwardInputs& in, KvCache& kv_cache);
 
   KvCache allocate_kv_cache(int num_blocks, int block_size = 16);
+  // Bytes of one KV block (every layer's k and v) on this rank.
+  size_t kv_bytes_per_block(int block_size) const;
+
+  // Decode steps (every sequence adds one token, no adapter, logits for every row) of at most
+  // max_batch rows replay a recorded graph (CUDA graphs) instead of launching each op: one per
+  // batch bucket (1, 2, 4, ... up to max_batch) and block-table width (a power of two). A bucket's
+  // first step runs eagerly and records its graph; its tensors stay allocated. 0 (the default)
+  // turns graphs off; a backend without graphs ignores this.
+  void set_decode_graphs(int max_batch);
+  // Whether the last forward() replayed a graph (tests and benchmarks).
+  bool last_forward_replayed_graph() const { return last_replayed_; }
   // Shards a host adapter for this rank onto this model's backend (checked against the model).
   LoraAdapterShard load_adapter(const HostLoraAdapter& adapter);
   const GemmaConfig& config() const { return cfg_; }
   const TpLayout& tp() const { return tp_; }
+  Backend& backend() const { return be_; }  // where device_logits live (Backend::sample)
 
  private:
+  // Every tensor one step touches: i32 inputs, activations ([T, ...]) and lm_head rows ([M, ...]).
+  struct StepTensors {
+    Tensor ids, pos, slots, cu, lens, tables, rows;
+    Tensor x, normed, qkv, attn, proj, gate_up, act;
+    Tensor h, local, all;  // all: the gathered [P, M, Vr] (local itself when P == 1)
+    const ForwardInputs* host = nullptr;  // eager steps: host cu_seqlen/seqlen for attention's plan
+  };
+  StepTensors allocate_step(int64_t T, int64_t S, int64_t M, int max_blocks);
+  // Enqueues the whole step on the backend (no host work beyond launching, no allocation).
+  void run_ops(StepTensors& t, const std::vector<AdapterSegment>& segments, int max_blocks, KvCache& kv);
+  // Downloads rows [0, M) of the gathered logits ([P, M_alloc, Vr]) as [M, vocab] on the host.
+  ForwardOutput download_logits(const Tensor& all, int64_t M, int64_t M_alloc);
+  // The graph path of forward(); false when the step does not qualify.
+  bool forward_graph(const ForwardInputs& in, KvCache& kv, ForwardOutput& out);
+
+  // The first B rows of every tensor of `arena` (allocated for more rows), with its own tables.
+  StepTensors rows_of(const StepTensors& arena, int64_t B, Tensor tables) const;
+
+  struct DecodeGraph {
+    StepTensors t;  // views of graph_arena_ (shared by every graph: they run one at a time)
+    std::unique_ptr<BackendGraph> graph;
+    uint64_t epoch = 0;
+    const void* kv_key = nullptr;  // the cache the graph reads and writes
+  };
+
   GemmaConfig cfg_;
   Backend& be_;
   Communicator& comm_;
   TpLayout tp_;
   GemmaWeights w_;
+  int graph_max_batch_ = 0;
+  StepTensors graph_arena_;                             // graph_max_batch_ rows
+  std::map<std::pair<int, int>, DecodeGraph> graphs_;  // (batch bucket, block-table width)
+  bool last_replayed_ = false;
 };
 
 }  // namespace quilt

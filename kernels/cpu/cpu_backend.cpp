@@ -38,6 +38,10 @@ class CpuBackend final : public Backend {
     if (t.numel()) std::memcpy(t.data(), src, t.bytes());
     return t;
   }
+  void upload_i32(Tensor& dst, const int32_t* src) override {
+    QUILT_ASSERT(dst.dtype() == DType::i32 && dst.device() == Device::cpu);
+    if (dst.numel()) std::memcpy(dst.data(), src, dst.bytes());
+  }
   void to_host_f32(float* dst, const Tensor& src) override {
     QUILT_ASSERT(src.dtype() == DType::f32);
     if (src.numel()) std::memcpy(dst, src.data(), src.bytes());
@@ -82,6 +86,9 @@ class CpuBackend final : public Backend {
   void lora_sgmv(Tensor& y, const Tensor& x, const std::vector<LoraSegment>& segments,
                  int64_t col_offset) override {
     cpu::lora_sgmv(y, x, segments, col_offset);
+  }
+  void sample(SampleResult& out, const Tensor& logits, const SampleBatch& batch) override {
+    cpu::sample(out, logits, batch);
   }
   Tensor kv_cache_tensor(int64_t num_blocks, int block_size, int num_kv_heads,
                          int head_dim) override {

@@ -18,5 +18,6 @@ void paged_attention(Tensor& out, const Tensor& qkv, const Tensor& k_cache, cons
 void gelu_tanh_mul(Tensor& out, const Tensor& gate_up);
 void gather_rows(Tensor& out, const Tensor& x, const Tensor& indices);
 void lora_sgmv(Tensor& y, const Tensor& x, const std::vector<LoraSegment>& segments, int64_t col_offset);
+void sample(SampleResult& out, const Tensor& logits, const SampleBatch& batch);
 
 }  // namespace quilt::cpu

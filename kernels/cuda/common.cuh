@@ -28,6 +28,7 @@ struct Context {
   // never shrunk, so that steady-state steps allocate nothing.
   void* scratch_ptr = nullptr;
   size_t scratch_bytes = 0;
+  uint64_t scratch_epoch = 0;  // bumped when scratch_ptr moves (recorded graphs point into it)
   // Zeroed counters for kernels whose last block finishes the work (split-K attention); each
   // such kernel leaves them zero again.
   int* counters = nullptr;
@@ -47,6 +48,9 @@ struct Context {
   bool grouped_attention = true;
   int gemv_max_rows = 8;
   bool gemv_autotune = true;
+  // paged_attention with host copies of the sequence offsets: sequences with at least this many
+  // query rows take the tensor-core prefill kernel (prefill_attention.cu); <= 0: none do.
+  int prefill_min_rows = 16;
   std::map<std::tuple<int, int, int>, bool> gemv_faster;  // (M, N, K) -> the GEMV won
   ~Context();
 

@@ -41,6 +41,7 @@ void* Context::scratch(size_t bytes, const char* op) {
   scratch_bytes = 0;
   check(cudaMallocAsync(&scratch_ptr, grown, stream), op);
   scratch_bytes = grown;
+  ++scratch_epoch;
   return scratch_ptr;
 }
 }  // namespace cuda
@@ -162,28 +163,21 @@ class CudaBackend final : public Backend {
   // Through the pinned staging buffer, asynchronously: no synchronisation per upload.
   Tensor from_host_i32(const int32_t* src, const std::vector<int64_t>& shape) override {
     Tensor t = empty(shape, DType::i32);
-    if (t.numel() == 0) return t;
-    cuda::Context& c = *ctx_;
-    const size_t n = t.bytes(), need = (n + 255) / 256 * 256;
-    if (c.up_used + need > c.up_bytes) {
-      // Every staged byte may still be in flight: wait for the stream, then start over (bigger if
-      // this one upload does not fit).
-      cuda::check(cudaStreamSynchronize(c.stream), "from_host_i32");
-      c.up_used = 0;
-      if (need > c.up_bytes) {
-        cuda::check(cudaFreeHost(c.up_host), "from_host_i32: staging");
-        c.up_host = nullptr;
-        c.up_bytes = 0;
-        const size_t grown = std::max(need, 2 * kUploadStaging);
-        cuda::check(cudaMallocHost(&c.up_host, grown), "from_host_i32: staging");
-        c.up_bytes = grown;
-      }
-    }
-    char* staged = static_cast<char*>(c.up_host) + c.up_used;
-    std::memcpy(staged, src, n);
-    cuda::check(cudaMemcpyAsync(t.data(), staged, n, cudaMemcpyHostToDevice, c.stream), "from_host_i32");
-    c.up_used += need;
+    if (t.numel()) stage_upload(t.data(), src, t.bytes(), "from_host_i32");
     return t;
+  }
+  void upload_i32(Tensor& dst, const int32_t* src) override {
+    QUILT_ASSERT(dst.device() == Device::cuda && dst.dtype() == DType::i32, "upload_i32 into ", dst.describe());
+    if (dst.numel()) stage_upload(dst.data(), src, dst.bytes(), "upload_i32");
+  }
+  bool supports_graphs() const override { return true; }
+  std::unique_ptr<BackendGraph> capture_graph(const std::function<void()>& body) override;
+  uint64_t graph_epoch() const override { return ctx_->scratch_epoch; }
+  std::pair<size_t, size_t> memory_info() override {
+    set_device();
+    size_t free_b = 0, total_b = 0;
+    cuda::check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+    return {free_b, total_b};
   }
   void to_host_f32(float* dst, const Tensor& src) override {
     QUILT_ASSERT(src.device() == Device::cuda && src.dtype() != DType::i32, "to_host_f32 of ", src.describe());
@@ -255,6 +249,19 @@ class CudaBackend final : public Backend {
     set_device();
     cuda::gather_rows(*ctx_, out, x, indices);
   }
+  void lora_sgmv(Tensor& y, const Tensor& x, const std::vector<LoraSegment>& segments,
+                 int64_t col_offset) override {
+    lora_sgmv_multi(y, x, {LoraProblem{segments, col_offset}});
+  }
+  void lora_sgmv_multi(Tensor& y, const Tensor& x, const std::vector<LoraProblem>& problems) override {
+    set_device();
+    cuda::lora_sgmv(*ctx_, y, x, problems,
+                    [this](void* dst, const void* src, size_t n) { stage_upload(dst, src, n, "lora_sgmv"); });
+  }
+  void sample(SampleResult& out, const Tensor& logits, const SampleBatch& batch) override {
+    set_device();
+    cuda::sample(*ctx_, out, logits, batch);
+  }
   // Layout (backend-private): [num_blocks * block_size slots, num_kv_heads, head_dim], as the CPU.
   Tensor kv_cache_tensor(int64_t num_blocks, int block_size, int num_kv_heads,
                          int head_dim) override {
@@ -276,6 +283,31 @@ class CudaBackend final : public Backend {
   // The current device is per host thread; the worker's actor thread may not be the one that
   // made the backend.
   void set_device() { cuda::check(cudaSetDevice(ctx_->device), "cudaSetDevice"); }
+  // Copies n bytes from host `src` to device `dst` through the next bytes of the pinned staging
+  // ring, ordered on the stream, without synchronising (see Context::up_host).
+  void stage_upload(void* dst, const void* src, size_t n, const char* op) {
+    set_device();
+    cuda::Context& c = *ctx_;
+    const size_t need = (n + 255) / 256 * 256;
+    if (c.up_used + need > c.up_bytes) {
+      // Every staged byte may still be in flight: wait for the stream, then start over (bigger if
+      // this one upload does not fit).
+      cuda::check(cudaStreamSynchronize(c.stream), op);
+      c.up_used = 0;
+      if (need > c.up_bytes) {
+        cuda::check(cudaFreeHost(c.up_host), op);
+        c.up_host = nullptr;
+        c.up_bytes = 0;
+        const size_t grown = std::max(need, 2 * kUploadStaging);
+        cuda::check(cudaMallocHost(&c.up_host, grown), op);
+        c.up_bytes = grown;
+      }
+    }
+    char* staged = static_cast<char*>(c.up_host) + c.up_used;
+    std::memcpy(staged, src, n);
+    cuda::check(cudaMemcpyAsync(dst, staged, n, cudaMemcpyHostToDevice, c.stream), op);
+    c.up_used += need;
+  }
   // Pageable source (weights, at load time): the copy is complete (and `src` reusable) when
   // this returns.
   void upload(Tensor& t, const void* src, const char* op) {
@@ -287,6 +319,55 @@ class CudaBackend final : public Backend {
 
   std::shared_ptr<cuda::Context> ctx_;
 };
+
+class CudaGraph final : public BackendGraph {
+ public:
+  CudaGraph(std::shared_ptr<cuda::Context> ctx, cudaGraph_t g, cudaGraphExec_t e)
+      : ctx_(std::move(ctx)), graph_(g), exec_(e) {}
+  ~CudaGraph() override {
+    cudaSetDevice(ctx_->device);
+    cudaStreamSynchronize(ctx_->stream);  // a replay may still be running
+    cudaGraphExecDestroy(exec_);
+    cudaGraphDestroy(graph_);
+  }
+  void launch() override {
+    cuda::check(cudaSetDevice(ctx_->device), "graph launch: cudaSetDevice");
+    cuda::check(cudaGraphLaunch(exec_, ctx_->stream), "cudaGraphLaunch");
+  }
+
+ private:
+  std::shared_ptr<cuda::Context> ctx_;
+  cudaGraph_t graph_;
+  cudaGraphExec_t exec_;
+};
+
+std::unique_ptr<BackendGraph> CudaBackend::capture_graph(const std::function<void()>& body) {
+  set_device();
+  cuda::Context& c = *ctx_;
+  // Relaxed: other threads' unrelated CUDA calls (the worker's adapter loads) stay legal while
+  // this thread records; the body itself enqueues on our stream only.
+  cuda::check(cudaStreamBeginCapture(c.stream, cudaStreamCaptureModeRelaxed), "cudaStreamBeginCapture");
+  const uint64_t epoch = c.scratch_epoch;
+  try {
+    body();
+  } catch (...) {
+    cudaGraph_t g = nullptr;
+    cudaStreamEndCapture(c.stream, &g);
+    if (g) cudaGraphDestroy(g);
+    cudaGetLastError();
+    throw;
+  }
+  cudaGraph_t g = nullptr;
+  cuda::check(cudaStreamEndCapture(c.stream, &g), "cudaStreamEndCapture");
+  QUILT_ASSERT(c.scratch_epoch == epoch, "capture_graph: an op grew its scratch while recording; run the body once first");
+  cudaGraphExec_t e = nullptr;
+  const cudaError_t err = cudaGraphInstantiate(&e, g, 0);
+  if (err != cudaSuccess) {
+    cudaGraphDestroy(g);
+    cuda::check(err, "cudaGraphInstantiate");
+  }
+  return std::make_unique<CudaGraph>(ctx_, g, e);
+}
 
 CudaBackend& as_cuda(Backend& b) {
   auto* c = dynamic_cast<CudaBackend*>(&b);
@@ -321,6 +402,7 @@ void cuda_set_kernel_options(Backend& backend, const CudaKernelOptions& o) {
   c.grouped_attention = o.grouped_attention;
   c.gemv_max_rows = o.gemv_max_rows;
   c.gemv_autotune = o.gemv_autotune;
+  c.prefill_min_rows = o.prefill_min_rows;
 }
 
 }  // namespace quilt

@@ -29,6 +29,7 @@ struct CudaKernelOptions {
   bool grouped_attention = true;  // false: the stage-1 attention kernel (one block per q head)
   int gemv_max_rows = 8;          // matmuls with at most this many rows (<= 8) may use the GEMV (0: cuBLAS)
   bool gemv_autotune = true;      // time GEMV against cuBLAS once per shape and keep the faster; false: GEMV
+  int prefill_min_rows = 16;      // q_len from which paged_attention uses the prefill kernel (<= 0: never)
 };
 void cuda_set_kernel_options(Backend& backend, const CudaKernelOptions& options);
 }  // namespace quilt

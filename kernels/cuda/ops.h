@@ -2,6 +2,9 @@
 // The CUDA backend's ops, one per file of the same name (as kernels/cpu/ops.h). Each enqueues
 // its work on the context's stream, never allocates and never synchronises. Shapes and
 // contracts are those of quilt::Backend (backend.h).
+#include <functional>
+#include <vector>
+
 #include "kernels/cuda/common.cuh"
 
 namespace quilt::cuda {
@@ -19,6 +22,13 @@ void paged_attention(Context& c, Tensor& out, const Tensor& qkv, const Tensor& k
                      const Tensor& block_tables, const AttentionParams& p);
 void gelu_tanh_mul(Context& c, Tensor& out, const Tensor& gate_up);
 void gather_rows(Context& c, Tensor& out, const Tensor& x, const Tensor& indices);
+// Multi-LoRA for one or more problems sharing x and y (lora_sgmv and lora_sgmv_multi): two launches.
+// Its plan goes up through `upload` (the backend's pinned staging, no synchronisation).
+using StageUpload = std::function<void(void* device_dst, const void* host_src, size_t bytes)>;
+void lora_sgmv(Context& c, Tensor& y, const Tensor& x, const std::vector<LoraProblem>& problems,
+               const StageUpload& upload);
+// Synchronises (the one exception): its result is read on the host.
+void sample(Context& c, SampleResult& out, const Tensor& logits, const SampleBatch& batch);
 
 // Test and benchmark helper: fills t with N(0, stddev^2) values from a counter-based hash of
 // (seed, index), rounded to t's dtype.

@@ -1,7 +1,10 @@
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/prefill_attention.h"
 
 namespace quilt::cuda {
 namespace {
@@ -20,6 +23,9 @@ namespace {
 // untouched (as the CPU); the causal limit is the row's position in its context: the i-th of the
 // last q_len tokens of a ctx-long context sees keys [0, ctx - q_len + i]. Keys whose block is
 // outside the cache (the model rejects those tables) are masked instead of read.
+// With host copies of the offsets (AttentionParams::host_cu_seqlens), sequences of at least
+// Context::prefill_min_rows query rows go to the tensor-core prefill kernel (prefill_attention.cu)
+// instead, and these kernels take the other rows through a row list (GroupedParams::rows).
 
 constexpr int kThreads = 128;  // rowhead_kernel: threads per block, and keys per tile
 constexpr int kMaxD = 256;     // Gemma's head_dim
@@ -44,6 +50,7 @@ __global__ void __launch_bounds__(kThreads)
                            const int32_t* __restrict__ cu,       // [S + 1]
                            const int32_t* __restrict__ lens,     // [S]
                            const int32_t* __restrict__ tables,   // [S, max_blocks]
+                           const int32_t* __restrict__ rows,     // [gridDim.x] rows to compute, or null: all
                            int S, int Hq, int Hkv, int D, int block_size, int max_blocks,
                            float scale, int64_t num_slots) {
   __shared__ float q_s[kMaxD];
@@ -51,7 +58,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ int64_t off_s[kThreads];
   __shared__ float red[32];
 
-  const int t = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+  const int t = rows ? rows[blockIdx.x] : blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
   // s: the last sequence whose first row is <= t (empty sequences share offsets with the next).
   int lo = 0, hi = S;
   while (lo < hi) {
@@ -147,7 +154,10 @@ struct GroupedParams {
   int chunk_tokens, num_chunks;
   float scale;
   int64_t num_slots;
-  int* counters;  // [T, Hkv], zero: the last chunk's block merges (num_chunks <= kMaxFusedChunks)
+  int* counters;  // [R, Hkv], zero: the last chunk's block merges (num_chunks <= kMaxFusedChunks)
+  // The rows to compute, [R] (row ri = blockIdx.x is query row rows[ri]), or null: every row (ri = t).
+  // Partials and counters are indexed by ri.
+  const int32_t* rows;
 };
 
 // Up to this many chunks the last block of a (row, KV head) to finish merges them itself (one
@@ -198,8 +208,8 @@ __device__ __forceinline__ int64_t key_offset(const int32_t* table, int j, const
 template <typename T, int STAGES>
 __global__ void __launch_bounds__(kMaxGroupThreads)
     grouped_kernel(T* __restrict__ out,                 // [T, Hq * D]
-                   float* __restrict__ part_o,          // [T, Hq, num_chunks, D], when num_chunks > 1
-                   float* __restrict__ part_lse,        // [T, Hq, num_chunks]
+                   float* __restrict__ part_o,          // [R, Hq, num_chunks, D], when num_chunks > 1
+                   float* __restrict__ part_lse,        // [R, Hq, num_chunks]
                    const T* __restrict__ qkv,           // [T, (Hq + 2 Hkv) * D]
                    const T* __restrict__ k_cache,       // [slots, Hkv, D]
                    const T* __restrict__ v_cache,       // [slots, Hkv, D]
@@ -213,7 +223,8 @@ __global__ void __launch_bounds__(kMaxGroupThreads)
   const int bdx = blockDim.x, G = blockDim.y, bdz = blockDim.z;
   const int tx = threadIdx.x, ty = threadIdx.y, tz = threadIdx.z;
   const int tid = tx + bdx * (ty + G * tz), nthreads = bdx * G * bdz;
-  const int t = blockIdx.x, kvh = blockIdx.y, chunk = blockIdx.z;
+  const int ri = blockIdx.x, kvh = blockIdx.y, chunk = blockIdx.z;
+  const int t = p.rows ? p.rows[ri] : ri;
   const int D = p.D;
 
   const int s = sequence_of(cu, p.S, t);
@@ -223,7 +234,7 @@ __global__ void __launch_bounds__(kMaxGroupThreads)
   if (n <= 0) return;                               // q_len > context: rejected by the model
   const int head = kvh * G + ty;
   const int begin = chunk * p.chunk_tokens, end = min(n, begin + p.chunk_tokens);
-  const int64_t part = (static_cast<int64_t>(t) * p.Hq + head) * p.num_chunks + chunk;
+  const int64_t part = (static_cast<int64_t>(ri) * p.Hq + head) * p.num_chunks + chunk;
   const int32_t* table = tables + static_cast<int64_t>(s) * p.max_blocks;
   if (begin >= end) {  // past this row's context (num_chunks > 1 only); the merge skips it
     if (tx == 0 && tz == 0) part_lse[part] = -INFINITY;
@@ -365,14 +376,15 @@ __global__ void __launch_bounds__(kMaxGroupThreads)
   // Fused merge: the last block of this (row, KV head) to finish reads every chunk's partials.
   __threadfence();
   __syncthreads();
-  int* counter = p.counters + static_cast<int64_t>(t) * p.Hkv + kvh;
+  int* counter = p.counters + static_cast<int64_t>(ri) * p.Hkv + kvh;
   if (tid == 0) is_last = atomicAdd(counter, 1) == p.num_chunks - 1;
   __syncthreads();
   if (!is_last) return;
   __threadfence();
   const int used = min(p.num_chunks, (n + p.chunk_tokens - 1) / p.chunk_tokens);
   float* w_s = reinterpret_cast<float*>(smem);  // [G][used]; the K/V stages are free now
-  const int64_t head0 = static_cast<int64_t>(t) * p.Hq + static_cast<int64_t>(kvh) * G;
+  const int64_t head0 = static_cast<int64_t>(ri) * p.Hq + static_cast<int64_t>(kvh) * G;  // partials
+  const int64_t out0 = static_cast<int64_t>(t) * p.Hq + static_cast<int64_t>(kvh) * G;   // out
   for (int i = tid; i < G * used; i += nthreads) {
     const int g = i / used, c = i - g * used;
     w_s[i] = __ldcg(part_lse + (head0 + g) * p.num_chunks + c);
@@ -412,7 +424,7 @@ __global__ void __launch_bounds__(kMaxGroupThreads)
       acc.z = fmaf(wc, v.z, acc.z);
       acc.w = fmaf(wc, v.w, acc.w);
     }
-    T* dst = out + (head0 + g) * D + d4 * 4;
+    T* dst = out + (out0 + g) * D + d4 * 4;
     dst[0] = from_f<T>(acc.x);
     dst[1] = from_f<T>(acc.y);
     dst[2] = from_f<T>(acc.z);
@@ -429,20 +441,22 @@ constexpr int kMergeGroups = 4;
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads)
     merge_kernel(T* __restrict__ out,                 // [T, Hq * D]
-                 const float* __restrict__ part_o,    // [T, Hq, num_chunks, D]
-                 const float* __restrict__ part_lse,  // [T, Hq, num_chunks]
-                 const int32_t* __restrict__ cu, const int32_t* __restrict__ lens, int S, int Hq, int D,
-                 int num_chunks, int chunk_tokens) {
+                 const float* __restrict__ part_o,    // [R, Hq, num_chunks, D]
+                 const float* __restrict__ part_lse,  // [R, Hq, num_chunks]
+                 const int32_t* __restrict__ cu, const int32_t* __restrict__ lens,
+                 const int32_t* __restrict__ rows,  // as GroupedParams::rows
+                 int S, int Hq, int D, int num_chunks, int chunk_tokens) {
   __shared__ float w_s[kMaxChunks];
   __shared__ float red[32];
   __shared__ float4 acc_s[kMergeGroups][kMaxD / 4];
-  const int t = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
+  const int ri = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
+  const int t = rows ? rows[ri] : ri;
   const int s = sequence_of(cu, S, t);
   if (s >= S || t >= cu[s + 1]) return;
   const int n = lens[s] - (cu[s + 1] - cu[s]) + (t - cu[s]) + 1;
   if (n <= 0) return;
   const int used = min(num_chunks, (n + chunk_tokens - 1) / chunk_tokens);
-  const int64_t base = (static_cast<int64_t>(t) * Hq + head) * num_chunks;
+  const int64_t base = (static_cast<int64_t>(ri) * Hq + head) * num_chunks;
   float lse = -INFINITY;
   if (tid < used) lse = part_lse[base + tid];
   const float M = block_max(lse, red);
@@ -490,6 +504,23 @@ constexpr int stages_for(int D) {
   return 2 * kTileKeys * D * static_cast<int>(sizeof(T)) * 4 <= (64 << 10) ? 4 : 2;
 }
 
+// Copies n bytes of host data to dst (device) through the context's pinned upload staging, as
+// from_host_i32 does: asynchronously, in stream order; the staging bytes are reused only after a
+// synchronisation. Only when the staging is full (MiBs of uploads since the last synchronisation:
+// not in a model step) does this wait for the stream first, as from_host_i32 does.
+void upload_staged(Context& c, void* dst, const void* src, size_t n, const char* op) {
+  const size_t need = (n + 255) / 256 * 256;
+  QUILT_ASSERT(need <= c.up_bytes, op, ": ", n, " bytes do not fit the upload staging of ", c.up_bytes);
+  if (c.up_used + need > c.up_bytes) {
+    check(cudaStreamSynchronize(c.stream), op);
+    c.up_used = 0;
+  }
+  char* staged = static_cast<char*>(c.up_host) + c.up_used;
+  std::memcpy(staged, src, n);
+  check(cudaMemcpyAsync(dst, staged, n, cudaMemcpyHostToDevice, c.stream), op);
+  c.up_used += need;
+}
+
 }  // namespace
 
 void paged_attention(Context& c, Tensor& out, const Tensor& qkv, const Tensor& k_cache,
@@ -514,6 +545,49 @@ void paged_attention(Context& c, Tensor& out, const Tensor& qkv, const Tensor& k
   QUILT_ASSERT(k_cache.numel() == num_slots * Hkv * D && v_cache.numel() == k_cache.numel());
   if (T == 0 || S == 0) return;
 
+  // Prefill on tensor cores (prefill_attention.cu) when the caller gave host copies of cu_seqlens
+  // and seqlens: every sequence with at least c.prefill_min_rows query rows is cut into tiles of
+  // kPrefillTileRows rows, the longest key ranges first, and the rows of the other sequences
+  // (decode, short chunks) go to the kernels below through a row list. The plan (tiles, then rows)
+  // goes up through the pinned staging into the front of the scratch; the partials of a split
+  // decode follow it. Without host copies (or for f32 and other shapes) every row takes the
+  // kernels below, as before.
+  std::vector<int32_t> plan;
+  int64_t num_tiles = 0, R = T;  // R: rows for the decode kernels
+  if (p.host_cu_seqlens != nullptr && p.host_seqlens != nullptr && c.prefill_min_rows > 0 &&
+      prefill_attention_supported(c, out, qkv, k_cache, v_cache, p)) {
+    const int32_t* hc = p.host_cu_seqlens;
+    const int32_t* hl = p.host_seqlens;
+    QUILT_ASSERT(p.num_seqs == S && hc[0] >= 0 && hc[S] <= T, "paged_attention: host copies of ", p.num_seqs,
+                 " sequences for ", S, ", rows up to ", hc[S], " of ", T);
+    struct Tile { int64_t keys; int32_t s, q0; };
+    std::vector<Tile> tiles;
+    std::vector<int32_t> rows;
+    for (int64_t s = 0; s < S; ++s) {
+      const int32_t q_len = hc[s + 1] - hc[s], ctx = hl[s];
+      QUILT_ASSERT(q_len >= 0 && q_len <= ctx, "paged_attention: sequence ", s, " has ", q_len,
+                   " query rows for a context of ", ctx);
+      if (q_len >= c.prefill_min_rows) {
+        for (int32_t q0 = 0; q0 < q_len; q0 += kPrefillTileRows)
+          tiles.push_back(Tile{ctx - q_len + std::min(q0 + kPrefillTileRows, q_len), static_cast<int32_t>(s), q0});
+      } else {
+        for (int32_t t = hc[s]; t < hc[s + 1]; ++t) rows.push_back(t);
+      }
+    }
+    if (!tiles.empty()) {
+      std::stable_sort(tiles.begin(), tiles.end(), [](const Tile& a, const Tile& b) { return a.keys > b.keys; });
+      num_tiles = static_cast<int64_t>(tiles.size());
+      R = static_cast<int64_t>(rows.size());
+      plan.reserve(2 * tiles.size() + rows.size());
+      for (const Tile& t : tiles) {
+        plan.push_back(t.s);
+        plan.push_back(t.q0);
+      }
+      plan.insert(plan.end(), rows.begin(), rows.end());
+    }
+  }
+  const size_t plan_bytes = (plan.size() * sizeof(int32_t) + 255) / 256 * 256;
+
   // Threads of the grouped kernel: bdx x G x bdz, 512 where the group allows; bdz (a power of two
   // <= kTileKeys) splits each tile's keys, so that the serial work per warp is short. Whole warps
   // only (the shuffles use full masks).
@@ -524,15 +598,42 @@ void paged_attention(Context& c, Tensor& out, const Tensor& qkv, const Tensor& k
   const bool grouped = D % kElems == 0 && bdx >= 8 && bdx <= 32 && (bdx & (bdx - 1)) == 0 &&
                        bdx * G * bdz <= kMaxGroupThreads && (bdx * G * bdz) % 32 == 0 && Hkv <= 65535 &&
                        aligned16(k_cache.data()) && aligned16(v_cache.data()) && c.grouped_attention;
+
+  // Split the context only when rows x KV heads leave SMs idle: aim at two blocks per SM, in
+  // chunks of whole tiles. The longest context the tables can hold bounds every row's.
+  const int64_t max_ctx = std::max<int64_t>(1, static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size);
+  const int64_t base = R * Hkv, target = 2 * static_cast<int64_t>(c.num_sms);
+  int64_t chunks = 1;
+  if (grouped && R > 0 && base < target) {
+    const int64_t max_chunks = (max_ctx + kTileKeys - 1) / kTileKeys;
+    chunks = std::min<int64_t>({(target + base - 1) / base, max_chunks, kMaxChunks});
+  }
+  int64_t chunk_tokens = (max_ctx + chunks - 1) / chunks;
+  chunk_tokens = (chunk_tokens + kTileKeys - 1) / kTileKeys * kTileKeys;
+  chunks = (max_ctx + chunk_tokens - 1) / chunk_tokens;
+  const int64_t parts = chunks > 1 ? R * Hq * chunks : 0;
+  const size_t o_bytes = static_cast<size_t>(parts * D) * sizeof(float);
+  const size_t scratch_bytes = plan_bytes + o_bytes + static_cast<size_t>(parts) * sizeof(float);
+  char* ws = scratch_bytes > 0 ? static_cast<char*>(c.scratch(scratch_bytes, "paged_attention")) : nullptr;
+
+  const int32_t* rows = nullptr;  // the decode kernels' row list, or null: every row
+  if (num_tiles > 0) {
+    upload_staged(c, ws, plan.data(), plan.size() * sizeof(int32_t), "paged_attention: plan");
+    const int32_t* tiles = reinterpret_cast<const int32_t*>(ws);
+    prefill_attention(c, out, qkv, k_cache, v_cache, cu_seqlens, seqlens, block_tables, tiles, num_tiles, p);
+    rows = tiles + 2 * num_tiles;
+  }
+  if (R == 0) return;
+
   if (!grouped) {
     dispatch(c.dtype, "paged_attention", [&](auto tag) {
       using T_ = decltype(tag);
       const bool vec = D % kVec<T_> == 0 && aligned16(k_cache.data());
-      const dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(Hq));
+      const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>(Hq));
       auto kernel = vec ? rowhead_kernel<T_, true> : rowhead_kernel<T_, false>;
       kernel<<<grid, kThreads, 0, c.stream>>>(out.as<T_>(), qkv.as<T_>(), k_cache.as<T_>(), v_cache.as<T_>(),
                                               cu_seqlens.as<int32_t>(), seqlens.as<int32_t>(),
-                                              block_tables.as<int32_t>(), static_cast<int>(S),
+                                              block_tables.as<int32_t>(), rows, static_cast<int>(S),
                                               static_cast<int>(Hq), static_cast<int>(Hkv),
                                               static_cast<int>(D), p.block_size, p.max_blocks_per_seq,
                                               p.scale, num_slots);
@@ -541,32 +642,16 @@ void paged_attention(Context& c, Tensor& out, const Tensor& qkv, const Tensor& k
     return;
   }
 
-  // Split the context only when rows x KV heads leave SMs idle: aim at two blocks per SM, in
-  // chunks of whole tiles. The longest context the tables can hold bounds every row's.
-  const int64_t max_ctx = std::max<int64_t>(1, static_cast<int64_t>(p.max_blocks_per_seq) * p.block_size);
-  const int64_t base = T * Hkv, target = 2 * static_cast<int64_t>(c.num_sms);
-  int64_t chunks = 1;
-  if (base < target) {
-    const int64_t max_chunks = (max_ctx + kTileKeys - 1) / kTileKeys;
-    chunks = std::min<int64_t>({(target + base - 1) / base, max_chunks, kMaxChunks});
-  }
-  int64_t chunk_tokens = (max_ctx + chunks - 1) / chunks;
-  chunk_tokens = (chunk_tokens + kTileKeys - 1) / kTileKeys * kTileKeys;
-  chunks = (max_ctx + chunk_tokens - 1) / chunk_tokens;
-
   float* part_o = nullptr;
   float* part_lse = nullptr;
   const bool fused = chunks > 1 && chunks <= kMaxFusedChunks && base <= c.counter_count;
   if (chunks > 1) {
-    const int64_t parts = T * Hq * chunks;
-    const size_t o_bytes = static_cast<size_t>(parts * D) * sizeof(float);
-    char* ws = static_cast<char*>(c.scratch(o_bytes + static_cast<size_t>(parts) * sizeof(float), "paged_attention"));
-    part_o = reinterpret_cast<float*>(ws);
-    part_lse = reinterpret_cast<float*>(ws + o_bytes);
+    part_o = reinterpret_cast<float*>(ws + plan_bytes);
+    part_lse = reinterpret_cast<float*>(ws + plan_bytes + o_bytes);
   }
   const GroupedParams gp{static_cast<int>(S), static_cast<int>(Hq), static_cast<int>(Hkv), static_cast<int>(D),
                          p.block_size, p.max_blocks_per_seq, static_cast<int>(chunk_tokens),
-                         static_cast<int>(chunks), p.scale, num_slots, fused ? c.counters : nullptr};
+                         static_cast<int>(chunks), p.scale, num_slots, fused ? c.counters : nullptr, rows};
   dispatch(c.dtype, "paged_attention", [&](auto tag) {
     using T_ = decltype(tag);
     const int stages = stages_for<T_>(static_cast<int>(D));
@@ -583,17 +668,18 @@ void paged_attention(Context& c, Tensor& out, const Tensor& qkv, const Tensor& k
             "paged_attention: shared memory opt-in");
       c.smem_opt_in |= bit;
     }
-    const dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(Hkv), static_cast<unsigned>(chunks));
+    const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>(Hkv), static_cast<unsigned>(chunks));
     const dim3 block(static_cast<unsigned>(bdx), static_cast<unsigned>(G), static_cast<unsigned>(bdz));
     kernel<<<grid, block, smem, c.stream>>>(out.as<T_>(), part_o, part_lse, qkv.as<T_>(), k_cache.as<T_>(),
                                             v_cache.as<T_>(), cu_seqlens.as<int32_t>(), seqlens.as<int32_t>(),
                                             block_tables.as<int32_t>(), gp);
     check_launch("paged_attention");
     if (chunks > 1 && !fused) {
-      const dim3 mgrid(static_cast<unsigned>(T), static_cast<unsigned>(Hq));
+      const dim3 mgrid(static_cast<unsigned>(R), static_cast<unsigned>(Hq));
       merge_kernel<T_><<<mgrid, kMergeThreads, 0, c.stream>>>(
-          out.as<T_>(), part_o, part_lse, cu_seqlens.as<int32_t>(), seqlens.as<int32_t>(), static_cast<int>(S),
-          static_cast<int>(Hq), static_cast<int>(D), static_cast<int>(chunks), static_cast<int>(chunk_tokens));
+          out.as<T_>(), part_o, part_lse, cu_seqlens.as<int32_t>(), seqlens.as<int32_t>(), rows,
+          static_cast<int>(S), static_cast<int>(Hq), static_cast<int>(D), static_cast<int>(chunks),
+          static_cast<int>(chunk_tokens));
       check_launch("paged_attention merge");
     }
   });

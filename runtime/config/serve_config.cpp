@@ -53,7 +53,7 @@ ServeConfig ServeConfig::from_yaml_text(const std::string& text, const std::stri
   QUILT_REQUIRE(root.IsMap(), src, ": expected a mapping at the top level");
   ServeConfig c;
   std::set<std::string> top{"model", "http", "limits", "scheduler", "health", "adapters", "replicas",
-                            "tensor_parallel", "backend", "log_level"};
+                            "tensor_parallel", "backend", "log_level", "cuda"};
   reject_unknown(root, "", top, src);
   std::set<std::string> k;
   read(root, "", "replicas", c.replicas, k, src);
@@ -109,6 +109,12 @@ ServeConfig ServeConfig::from_yaml_text(const std::string& text, const std::stri
   read(ad, "adapters", "overload_slack", c.adapter_overload_slack, k, src);
   reject_unknown(ad, "adapters", k, src);
 
+  const YAML::Node cu = section(root, "cuda", src);
+  k.clear();
+  read(cu, "cuda", "graphs_max_batch", c.cuda_graphs_max_batch, k, src);
+  read(cu, "cuda", "gpu_memory_fraction", c.gpu_memory_fraction, k, src);
+  reject_unknown(cu, "cuda", k, src);
+
   const YAML::Node health = section(root, "health", src);
   k.clear();
   read(health, "health", "heartbeat_interval_s", c.heartbeat_interval_s, k, src);
@@ -127,6 +133,10 @@ ServeConfig ServeConfig::from_yaml_text(const std::string& text, const std::stri
   QUILT_REQUIRE(c.max_best_of == 1, src, ": 'limits.max_best_of' other than 1 is not supported");
   QUILT_REQUIRE(c.block_size >= 1, src, ": 'scheduler.block_size' must be >= 1");
   QUILT_REQUIRE(c.kv_blocks >= 0, src, ": 'scheduler.kv_blocks' must be >= 0");
+  QUILT_REQUIRE(c.cuda_graphs_max_batch >= 0 && c.cuda_graphs_max_batch <= 1024, src,
+                ": 'cuda.graphs_max_batch' must be in [0, 1024]");
+  QUILT_REQUIRE(c.gpu_memory_fraction > 0 && c.gpu_memory_fraction <= 1, src,
+                ": 'cuda.gpu_memory_fraction' must be in (0, 1]");
   QUILT_REQUIRE(c.max_batch_prefill_tokens >= c.max_input_length, src,
                 ": 'scheduler.max_batch_prefill_tokens' must be >= 'limits.max_input_length' (a prompt must fit one prefill)");
   QUILT_REQUIRE(c.max_batch_total_tokens >= c.max_total_tokens, src,
@@ -196,6 +206,9 @@ std::string ServeConfig::to_yaml() const {
     << max_active_adapters << YAML::Key << "adapter_cycle_time_s" << YAML::Value << adapter_cycle_time_s
     << YAML::Key << "retry_backoff_s" << YAML::Value << adapter_retry_backoff_s << YAML::Key << "placement"
     << YAML::Value << placement << YAML::Key << "overload_slack" << YAML::Value << adapter_overload_slack << YAML::EndMap;
+  e << YAML::Key << "cuda" << YAML::Value << YAML::BeginMap << YAML::Key << "graphs_max_batch" << YAML::Value
+    << cuda_graphs_max_batch << YAML::Key << "gpu_memory_fraction" << YAML::Value << gpu_memory_fraction
+    << YAML::EndMap;
   e << YAML::Key << "health" << YAML::Value << YAML::BeginMap << YAML::Key << "heartbeat_interval_s"
     << YAML::Value << heartbeat_interval_s << YAML::Key << "heartbeat_timeout_s" << YAML::Value
     << heartbeat_timeout_s << YAML::EndMap;

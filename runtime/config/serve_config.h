@@ -46,6 +46,9 @@ struct ServeConfig {
   double adapter_retry_backoff_s = 30.0;    // a failed adapter is retried after this long
   std::string placement = "affinity";       // affinity | round_robin
   int adapter_overload_slack = 16;          // requests by which a replica must exceed the least loaded to count as overloaded
+  // cuda (the cuda backend only)
+  int cuda_graphs_max_batch = 256;     // decode batches up to this size replay CUDA graphs; 0 = off
+  double gpu_memory_fraction = 0.90;   // share of each GPU's memory the worker may use (weights, activations, KV)
   // health
   double heartbeat_interval_s = 1.0;   // workers report this often
   double heartbeat_timeout_s = 10.0;   // a worker silent this long makes /health fail

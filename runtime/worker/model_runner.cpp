@@ -4,7 +4,6 @@
 #include <chrono>
 #include <cmath>
 
-#include "model/greedy.h"
 #include "runtime/core/check.h"
 
 namespace quilt {
@@ -25,6 +24,20 @@ SamplingParams to_sampler_params(const messages::SamplingParams& m) {
   p.top_n_alternatives = m.top_n_alternatives;
   return p;
 }
+
+namespace {
+// A copy of logits row `r` of forward's device_logits ([M, Vr] or [P, M, Vr]), as [1, Vr] or
+// [P, 1, Vr], on the same backend.
+Tensor copy_row(Backend& be, const Tensor& logits, int32_t r) {
+  const bool sharded = logits.rank() == 3;
+  const int64_t P = sharded ? logits.dim(0) : 1, M = logits.dim(-2), Vr = logits.dim(-1);
+  std::vector<int32_t> idx(P);
+  for (int64_t p = 0; p < P; ++p) idx[p] = static_cast<int32_t>(p * M + r);
+  Tensor row = be.empty({P, Vr}, logits.dtype());
+  be.gather_rows(row, logits.view({P * M, Vr}), be.from_host_i32(idx.data(), {P}));
+  return sharded ? row.view({P, 1, Vr}) : row;
+}
+}  // namespace
 
 ModelRunner::ModelRunner(GemmaForCausalLM& model, int num_kv_blocks, int block_size,
                          std::vector<int> eos_ids, int replica, const AdapterStore* adapters)
@@ -109,6 +122,7 @@ messages::StepResult ModelRunner::run(const messages::StepPlan& plan) {
       in.block_tables.push_back(b < static_cast<int>(s.block_table.size()) ? s.block_table[b] : 0);
   }
   in.skip_lm_head = in.lm_head_indices.empty();
+  in.logits_on_device = true;
 
   ForwardOutput out;
   try {
@@ -118,6 +132,64 @@ messages::StepResult ModelRunner::run(const messages::StepPlan& plan) {
     return res;
   }
 
+  // One sample call for every row of the step: sampled rows and prompt-logprob targets. Nothing
+  // changes state until it has succeeded.
+  Backend& be = model_.backend();
+  SampleBatch batch;
+  batch.vocab = V;
+  std::vector<int> sample_of(plan.sequences.size(), -1);  // per sequence: its batch row
+  std::vector<int> target0(plan.sequences.size(), -1);    // per sequence: its first target
+  std::vector<float> carried(plan.sequences.size(), NAN);  // logprob of a chunk's first token
+  std::vector<std::unique_ptr<SequenceSampler>> fresh(plan.sequences.size());
+  std::vector<Tensor> kept_row(plan.sequences.size());  // a chunk's last row, for the next chunk
+  try {
+    for (size_t i = 0; i < plan.sequences.size(); ++i) {
+      const auto& s = plan.sequences[i];
+      const auto it = seqs_.find(s.request_id);
+      const Sequence* q = it == seqs_.end() ? nullptr : &it->second;
+      const messages::SamplingParams& params = s.sampling ? *s.sampling : q->params;
+      const bool prompt_lp = s.kind == messages::RowKind::kPrefill && params.prompt_logprobs;
+      const int32_t row0 = first_row_of[i];
+      if (prompt_lp) {
+        target0[i] = static_cast<int>(batch.targets.size());
+        for (int k = 1; k < s.num_new_tokens; ++k) batch.targets.push_back({row0 + k - 1, s.input_tokens[k]});
+        if (s.start_pos > 0 && q && q->last_row.defined() && q->last_row.numel() > 0) {
+          // The previous chunk's last row, kept on the backend: its own (rare) call.
+          SampleBatch carry;
+          carry.vocab = V;
+          carry.targets.push_back({0, s.input_tokens[0]});
+          SampleResult r;
+          be.sample(r, q->last_row, carry);
+          carried[i] = r.target_logprobs[0];
+        }
+        if (!s.needs_sample) kept_row[i] = copy_row(be, out.device_logits, row0 + s.num_new_tokens - 1);
+      }
+      if (s.needs_sample) {
+        const SequenceSampler* smp = q && q->sampler ? q->sampler.get() : nullptr;
+        if (!smp) {
+          std::vector<int> prompt = q ? q->prompt : std::vector<int>{};
+          if (s.kind == messages::RowKind::kPrefill) prompt.insert(prompt.end(), s.input_tokens.begin(), s.input_tokens.end());
+          fresh[i] = std::make_unique<SequenceSampler>(to_sampler_params(params), prompt);
+          smp = fresh[i].get();
+        }
+        sample_of[i] = static_cast<int>(batch.rows.size());
+        batch.rows.push_back(smp->row(prompt_lp ? row0 + s.num_new_tokens - 1 : row0, batch.penalties));
+      }
+    }
+  } catch (const std::exception& e) {
+    res.error = std::string("sampling failed: ") + e.what();
+    return res;
+  }
+  SampleResult sampled;
+  if (!batch.rows.empty() || !batch.targets.empty()) {
+    try {
+      be.sample(sampled, out.device_logits, batch);
+    } catch (const std::exception& e) {
+      res.error = std::string("sampling failed: ") + e.what();
+      return res;
+    }
+  }
+
   for (size_t i = 0; i < plan.sequences.size(); ++i) {
     const auto& s = plan.sequences[i];
     Sequence& q = seqs_[s.request_id];
@@ -125,26 +197,23 @@ messages::StepResult ModelRunner::run(const messages::StepPlan& plan) {
     messages::SequenceOutput o;
     o.request_id = s.request_id;
     const bool prompt_lp = s.kind == messages::RowKind::kPrefill && q.params.prompt_logprobs;
-    const float* rows = out.logits.data() + static_cast<int64_t>(first_row_of[i]) * V;
     if (s.kind == messages::RowKind::kPrefill) {
       if (prompt_lp) {
         for (int k = 0; k < s.num_new_tokens; ++k) {
           const int pos = s.start_pos + k;
-          const float* prev = k > 0 ? rows + (k - 1) * V : (q.last_row.empty() ? nullptr : q.last_row.data());
-          o.prompt_logprobs.push_back(pos == 0 || !prev ? NAN
-                                                        : static_cast<float>(token_logprob(prev, V, s.input_tokens[k])));
+          o.prompt_logprobs.push_back(pos == 0 ? NAN : k == 0 ? carried[i] : sampled.target_logprobs[target0[i] + k - 1]);
         }
-        if (!s.needs_sample) q.last_row.assign(rows + (s.num_new_tokens - 1) * V, rows + s.num_new_tokens * V);
+        if (!s.needs_sample) q.last_row = kept_row[i];
       }
       q.prompt.insert(q.prompt.end(), s.input_tokens.begin(), s.input_tokens.end());
     }
     q.context = s.start_pos + s.num_new_tokens;
     if (s.needs_sample) {
-      const float* last = prompt_lp ? rows + (s.num_new_tokens - 1) * V : rows;
-      if (!q.sampler) q.sampler = std::make_unique<SequenceSampler>(to_sampler_params(q.params), q.prompt);
-      const TokenChoice c = q.sampler->choose(last, V);
+      if (fresh[i]) q.sampler = std::move(fresh[i]);
+      const SampledToken& c = sampled.tokens[sample_of[i]];
+      q.sampler->record(c.id);
       q.last_token = c.id;
-      q.last_row.clear();
+      q.last_row = Tensor();
       o.token = messages::TokenLogprob{c.id, c.logprob};
       for (const auto& [id, lp] : c.alternatives) o.alternatives.push_back({id, lp});
       o.finished_by_eos = std::find(eos_.begin(), eos_.end(), c.id) != eos_.end();

@@ -34,7 +34,9 @@ class ModelRunner {
     int last_token = -1;      // the last sampled token, input of the next decode row
     messages::SamplingParams params;
     std::unique_ptr<SequenceSampler> sampler;  // created at the first sampled row
-    std::vector<float> last_row;  // logits of the previous chunk's last token (prompt logprobs)
+    // Logits of the previous chunk's last token, kept on the backend for the next chunk's first
+    // prompt logprob: [P, 1, Vr] or [1, Vr], as forward's device_logits.
+    Tensor last_row;
   };
   std::string check(const messages::StepPlan& plan) const;
 

@@ -10,10 +10,15 @@
 // sampling, warped) logits, as TGI reports it.
 // Draws are reproducible per request: the uniform for generated token n comes from
 // (seed, n) alone, so a request gives the same tokens whatever batch it runs in.
+// The math lives in the backends' sample op (kernels/cpu/sample.cpp is the reference); a
+// SequenceSampler keeps one sequence's state (parameters, token counts, draw index) and describes
+// each step's row to that op.
 #include <cstdint>
 #include <string>
 #include <unordered_map>
 #include <vector>
+
+#include "quilt/kernels/sample.h"
 
 namespace quilt {
 
@@ -43,7 +48,12 @@ struct TokenChoice {
 class SequenceSampler {
  public:
   SequenceSampler(const SamplingParams& p, const std::vector<int>& prompt_ids);
-  // Chooses the next token from the model's logits ([vocab] floats) and records it.
+  // This step's row for Backend::sample, reading logits row `logits_row`; appends the row's
+  // penalty entries (distinct ids) to `penalties` when a penalty is on.
+  SampleRow row(int32_t logits_row, std::vector<SamplePenalty>& penalties) const;
+  // Records the chosen token: it counts for the penalties and the next draw index.
+  void record(int id);
+  // Chooses the next token from host logits ([vocab] floats) with the CPU op and records it.
   TokenChoice choose(const float* logits, int64_t vocab);
   int generated() const { return step_; }
 
@@ -52,10 +62,8 @@ class SequenceSampler {
   std::unordered_map<int, int> seen_;       // token -> occurrences in prompt + generated
   std::unordered_map<int, int> generated_;  // token -> occurrences in generated tokens
   int step_ = 0;
-  std::vector<float> work_;
 };
 
-// A uniform double in [0, 1) from (seed, index) alone (SplitMix64 of the pair).
-double uniform_from(uint64_t seed, uint64_t index);
+// uniform_from(seed, index), the draws' uniform, lives in quilt/kernels/sample.h.
 
 }  // namespace quilt

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <random>
 
 #include "quilt/kernels/backend.h"
 
@@ -147,4 +148,43 @@ TEST_F(CpuOps, WriteKvCacheSkipsPaddingSlots) {
   be->write_kv_cache(kc, vc, qkv, i({-1, 1}), quilt::KvWriteParams{1, 1, 1, 2});
   expect_near(host(kc), {0, 7});
   expect_near(host(vc), {0, 8});
+}
+
+// y[rows, col : col + N] += (x A^T) B^T by hand, then lora_sgmv_multi against lora_sgmv per
+// problem (the default multi loops over it: bitwise equal), base rows and other columns untouched.
+TEST_F(CpuOps, LoraSgmvAndMultiMatchPerProblemCalls) {
+  // x rows (1, 2) and (3, 4); A = [[1, 0], [0, 1]] (r = 2), B = [[1, 1]] (N = 1): y += x0 + x1
+  Tensor x = f({1, 2, 3, 4, 5, 6}, {3, 2}), A = f({1, 0, 0, 1}, {2, 2}), B = f({1, 1}, {1, 2});
+  Tensor y = f({0, 0, 0, 10, 10, 10, 20, 20, 20}, {3, 3});
+  be->lora_sgmv(y, x, {quilt::LoraSegment{1, 3, &A, &B}}, 1);
+  expect_near(host(y), {0, 0, 0, 10, 17, 10, 20, 31, 20});
+
+  std::mt19937 rng(7);
+  std::normal_distribution<float> N(0.f, 1.f);
+  auto rnd = [&](std::vector<int64_t> shape) {
+    std::vector<float> v(static_cast<size_t>(shape[0] * shape[1]));
+    for (float& e : v) e = N(rng);
+    return f(v, shape);
+  };
+  const int64_t T = 9, K = 13, ldy = 20;
+  Tensor xr = rnd({T, K});
+  // q-, k- and v-like problems: columns [0, 8), [8, 11), [11, 20); ranks 1..4 and a shared adapter
+  std::vector<Tensor> As = {rnd({1, K}), rnd({4, K}), rnd({3, K}), rnd({2, K})};
+  std::vector<Tensor> Bs = {rnd({8, 1}), rnd({3, 4}), rnd({9, 3}), rnd({8, 2})};
+  const std::vector<quilt::LoraProblem> problems = {
+      {{{0, 2, &As[0], &Bs[0]}, {3, 4, &As[3], &Bs[3]}, {5, 8, &As[0], &Bs[0]}}, 0},
+      {{{0, 2, &As[1], &Bs[1]}, {6, 7, &As[1], &Bs[1]}}, 8},
+      {},
+      {{{1, 2, &As[2], &Bs[2]}, {4, 4, &As[2], &Bs[2]}, {5, 9, &As[2], &Bs[2]}}, 11},
+  };
+  const std::vector<float> y0 = host(rnd({T, ldy}));
+  Tensor y1 = f(y0, {T, ldy}), y2 = f(y0, {T, ldy});
+  be->lora_sgmv_multi(y1, xr, problems);
+  for (const auto& p : problems) be->lora_sgmv(y2, xr, p.segments, p.col_offset);
+  const auto got = host(y1), want = host(y2);
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t k = 0; k < got.size(); ++k) EXPECT_EQ(got[k], want[k]) << "at row " << k / ldy << " col " << k % ldy;
+  for (int64_t c = 0; c < ldy; ++c) EXPECT_EQ(got[2 * ldy + c], y0[2 * ldy + c]) << "base row 2, col " << c;
+  for (int64_t c = 8; c < 11; ++c) EXPECT_EQ(got[8 * ldy + c], y0[8 * ldy + c]) << "row 8 outside k's rows, col " << c;
+  EXPECT_NE(got[0], y0[0]);
 }

@@ -217,4 +217,75 @@ TEST_P(GoldenCuda, MixedPrefillChunksAndDecodeInOneBatch) {
   }
 }
 
+// Decode steps replayed from CUDA graphs against the same steps run op by op, on two copies of
+// the model fed identical batches: every sequence's prompt, then decode steps over batch sizes
+// that need padding (3 rows in the bucket of 4, then 2, then 1), across KV block boundaries
+// (the block-table width bucket changes), and again after an eager prefill in between.
+// The graph pads rows and so changes the GEMMs' M, which may change cuBLAS's kernel: f32 logits
+// agree to 1e-4 absolute (fp32 summation order only); bf16 to 0.05 + 1% of the logit (a few
+// bf16 roundings of difference compounded over the tiny models' layers; a wrong row, position
+// or cache slot moves logits by whole units). Greedy ids must be identical.
+TEST_P(GoldenCuda, DecodeGraphsMatchEagerSteps) {
+  const DType dt = GetParam();
+  const double abs_tol = dt == DType::f32 ? 1e-4 : 0.05, rel_tol = dt == DType::f32 ? 0 : 0.01;
+  for (const Fixture& f : quilt::testing::load_fixtures()) {
+    Loaded eager(f, dt), graph(f, dt);
+    graph.model->set_decode_graphs(8);
+    const int64_t V = eager.cfg.vocab_size;
+    const auto cases = f.base_cases();
+    BatchRunner re(*eager.model, 128, 4), rg(*graph.model, 128, 4);  // block_size 4: boundaries come often
+    std::vector<int> seq;
+    std::vector<std::vector<float>> last(cases.size());
+    std::vector<std::pair<int, int>> prompts;
+    for (const auto* c : cases) {
+      seq.push_back(re.add_sequence(c->prompt_ids));
+      rg.add_sequence(c->prompt_ids);
+      prompts.push_back({seq.back(), static_cast<int>(c->prompt_ids.size())});
+    }
+    double worst = 0;
+    int replayed = 0, steps = 0;
+    auto compare = [&](const std::map<int, std::vector<float>>& a, const std::map<int, std::vector<float>>& b,
+                       const std::string& where) {
+      for (const auto& [s, rows] : a) {
+        const auto& other = b.at(s);
+        ASSERT_EQ(rows.size(), other.size());
+        for (size_t i = 0; i < rows.size(); ++i) {
+          const double d = std::abs(rows[i] - other[i]);
+          worst = std::max(worst, d);
+          ASSERT_LE(d, abs_tol + rel_tol * std::abs(rows[i])) << f.name << " " << where << " seq " << s << " logit " << i;
+        }
+        ASSERT_EQ(argmax(rows.data() + rows.size() - V, V), argmax(other.data() + other.size() - V, V))
+            << f.name << " " << where << " seq " << s;
+      }
+    };
+    {
+      auto a = re.step(prompts), b = rg.step(prompts);
+      compare(a, b, "prompts");
+      for (size_t k = 0; k < cases.size(); ++k) last[k].assign(a[seq[k]].end() - V, a[seq[k]].end());
+    }
+    // Batch sizes per phase: all sequences, then fewer (padding inside smaller buckets).
+    const int n = static_cast<int>(cases.size());
+    const std::vector<int> widths{n, n, n, n, n, n, std::max(1, n - 1), std::max(1, n - 1), 1, 1, 1, n, n};
+    for (size_t st = 0; st < widths.size(); ++st) {
+      std::vector<std::pair<int, int>> work;
+      for (int k = 0; k < widths[st]; ++k) {
+        const int next = argmax(last[k].data(), V);
+        re.append_token(seq[k], next);
+        rg.append_token(seq[k], next);
+        work.push_back({seq[k], 1});
+      }
+      auto a = re.step(work), b = rg.step(work);
+      compare(a, b, "decode step " + std::to_string(st));
+      ++steps;
+      replayed += graph.model->last_forward_replayed_graph() ? 1 : 0;
+      EXPECT_FALSE(eager.model->last_forward_replayed_graph());
+      for (auto [s, one] : work) last[s].assign(a[s].end() - V, a[s].end());
+    }
+    // Most steps replay (a bucket's first step, or the first after a new table width, records).
+    EXPECT_GE(replayed, steps / 3) << f.name;
+    std::printf("[golden-cuda] %-5s %-22s graphs vs eager: %d of %d decode steps replayed, max |logit diff| %.3g\n",
+                dtype_name(dt), f.name.c_str(), replayed, steps, worst);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Dtypes, GoldenCuda, ::testing::Values(DType::f32, DType::bf16), dtype_param_name);

@@ -1,6 +1,7 @@
 // The serving job over real MPI: rank 0 runs the coordinator, the other ranks run the worker
 // role exactly as `quilt serve` wires it. Under -np 3 (2 replicas x TP 1) and -np 5 (2 replicas x
 // TP 2). Greedy requests must reproduce the golden tokens; none may be lost.
+#include <climits>
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -68,10 +69,11 @@ TEST(ServingMpi, GoldenGreedyThroughTheJob) {
     const JobLayout layout = split_job(cfg, MPI_COMM_WORLD);
     MpiTransport transport(MPI_COMM_WORLD);
     if (!layout.coordinator) {
-      run_worker_role(cfg, f.dir, layout, transport);
+      run_worker_role(cfg, f.dir, layout, transport, MPI_COMM_WORLD);
       MPI_Comm_free(const_cast<MPI_Comm*>(&layout.replica_comm));
       continue;
     }
+    cfg.kv_blocks = agree_kv_blocks(cfg, INT_MAX, MPI_COMM_WORLD);  // as run_serve: after the workers load
     auto tok = Tokenizer::load(f.dir);
     Metrics metrics;
     Metrics::declare_serving_metrics(metrics);

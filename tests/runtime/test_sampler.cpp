@@ -1,8 +1,14 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
+#include <numeric>
+#include <random>
 
+#include "model/greedy.h"
+#include "quilt/kernels/backend.h"
+#include "runtime/core/check.h"
 #include "runtime/worker/sampler.h"
 
 using namespace quilt;
@@ -158,4 +164,190 @@ TEST(Sampler, ValidationNamesTheParameter) {
   EXPECT_NE(bad([](SamplingParams& p) { p.top_k = -1; }).find("top_k"), std::string::npos);
   EXPECT_NE(bad([](SamplingParams& p) { p.repetition_penalty = 0; }).find("repetition_penalty"), std::string::npos);
   EXPECT_NE(bad([](SamplingParams& p) { p.frequency_penalty = NAN; }).find("frequency_penalty"), std::string::npos);
+}
+
+// ---- the backend op against the sampler it replaced --------------------------------------------
+// LegacySampler is SequenceSampler::choose as it was before the math moved into Backend::sample
+// (kernels/cpu/sample.cpp), kept verbatim: the op must give the same tokens and the same floats.
+namespace {
+class LegacySampler {
+ public:
+  LegacySampler(const SamplingParams& p, const std::vector<int>& prompt_ids) : p_(p) {
+    for (int id : prompt_ids) ++seen_[id];
+  }
+  TokenChoice choose(const float* logits, int64_t V) {
+    work_.assign(logits, logits + V);
+    if (p_.repetition_penalty != 1.0f)
+      for (const auto& [id, n] : seen_) {
+        if (id < 0 || id >= V) continue;
+        float& s = work_[id];
+        s = s > 0 ? s / p_.repetition_penalty : s * p_.repetition_penalty;
+      }
+    if (p_.frequency_penalty != 0.0f || p_.presence_penalty != 0.0f)
+      for (const auto& [id, n] : generated_)
+        if (id >= 0 && id < V) work_[id] -= p_.frequency_penalty * static_cast<float>(n) + p_.presence_penalty;
+    const bool sampling = p_.sampling();
+    if (sampling) {
+      if (p_.temperature != 1.0f)
+        for (float& s : work_) s /= p_.temperature;
+      std::vector<int> order(V);
+      std::iota(order.begin(), order.end(), 0);
+      auto by_score = [&](int a, int b) { return work_[a] > work_[b] || (work_[a] == work_[b] && a < b); };
+      if (p_.top_k > 0 && p_.top_k < V) {
+        std::nth_element(order.begin(), order.begin() + (p_.top_k - 1), order.end(), by_score);
+        const float kth = work_[order[p_.top_k - 1]];
+        for (float& s : work_)
+          if (s < kth) s = -INFINITY;
+      }
+      std::vector<double> lp;
+      if (p_.top_p < 1.0f) {
+        log_softmax(work_, lp);
+        std::sort(order.begin(), order.end(), by_score);
+        double cum = 0;
+        size_t keep = 0;
+        while (keep < order.size() && (keep == 0 || cum < p_.top_p)) cum += std::exp(lp[order[keep++]]);
+        for (size_t i = keep; i < order.size(); ++i) work_[order[i]] = -INFINITY;
+      }
+      if (p_.typical_p < 1.0f) {
+        log_softmax(work_, lp);
+        double entropy = 0;
+        for (int64_t v = 0; v < V; ++v)
+          if (std::isfinite(lp[v])) entropy -= std::exp(lp[v]) * lp[v];
+        std::vector<double> shifted(V);
+        for (int64_t v = 0; v < V; ++v) shifted[v] = std::isfinite(lp[v]) ? std::abs(-lp[v] - entropy) : INFINITY;
+        std::sort(order.begin(), order.end(), [&](int a, int b) { return shifted[a] < shifted[b] || (shifted[a] == shifted[b] && a < b); });
+        double cum = 0;
+        size_t keep = 0;
+        while (keep < order.size() && (keep == 0 || cum < p_.typical_p)) cum += std::exp(lp[order[keep++]]);
+        for (size_t i = keep; i < order.size(); ++i) work_[order[i]] = -INFINITY;
+      }
+    }
+    std::vector<double> lp;
+    log_softmax(work_, lp);
+    TokenChoice c;
+    if (sampling) {
+      double u = uniform_from(p_.seed, static_cast<uint64_t>(step_));
+      int chosen = -1;
+      for (int64_t v = 0; v < V; ++v) {
+        if (!std::isfinite(lp[v])) continue;
+        chosen = static_cast<int>(v);
+        u -= std::exp(lp[v]);
+        if (u < 0) break;
+      }
+      c.id = chosen;
+    } else {
+      c.id = static_cast<int>(std::max_element(work_.begin(), work_.end()) - work_.begin());
+    }
+    c.logprob = static_cast<float>(lp[c.id]);
+    if (p_.top_n_alternatives > 0) {
+      const int n = static_cast<int>(std::min<int64_t>(p_.top_n_alternatives, V));
+      std::vector<int> idx(V);
+      std::iota(idx.begin(), idx.end(), 0);
+      std::partial_sort(idx.begin(), idx.begin() + n, idx.end(),
+                        [&](int a, int b) { return lp[a] > lp[b] || (lp[a] == lp[b] && a < b); });
+      for (int k = 0; k < n; ++k) c.alternatives.push_back({idx[k], static_cast<float>(lp[idx[k]])});
+    }
+    ++seen_[c.id];
+    ++generated_[c.id];
+    ++step_;
+    return c;
+  }
+
+ private:
+  static void log_softmax(const std::vector<float>& x, std::vector<double>& out) {
+    double mx = -INFINITY;
+    for (float v : x) mx = std::max(mx, static_cast<double>(v));
+    double sum = 0;
+    for (float v : x) sum += std::exp(static_cast<double>(v) - mx);
+    const double lse = mx + std::log(sum);
+    out.resize(x.size());
+    for (size_t i = 0; i < x.size(); ++i) out[i] = static_cast<double>(x[i]) - lse;
+  }
+  SamplingParams p_;
+  std::map<int, int> seen_, generated_;
+  int step_ = 0;
+  std::vector<float> work_;
+};
+
+SamplingParams random_params(std::mt19937& rng, int kind) {
+  auto uni = [&](float a, float b) { return std::uniform_real_distribution<float>(a, b)(rng); };
+  SamplingParams p;
+  p.seed = rng();
+  switch (kind % 10) {
+    case 0: break;
+    case 1: p.repetition_penalty = uni(1.1f, 2.0f), p.frequency_penalty = uni(0, 1), p.presence_penalty = uni(-1, 1); break;
+    case 2: p.do_sample = true; break;
+    case 3: p.temperature = uni(0.3f, 1.5f); break;
+    case 4: p.top_k = 1 + static_cast<int>(rng() % 40); break;
+    case 5: p.top_p = uni(0.05f, 0.99f); break;
+    case 6: p.typical_p = uni(0.1f, 0.99f); break;
+    case 7: p.temperature = 0.7f, p.top_k = 20, p.top_p = 0.9f, p.repetition_penalty = 1.3f; break;
+    case 8: p.typical_p = 0.8f, p.top_p = 0.95f, p.frequency_penalty = 0.5f, p.presence_penalty = 0.3f; break;
+    case 9: p.repetition_penalty = 0.8f, p.do_sample = true; break;
+  }
+  if (kind % 3 == 0) p.top_n_alternatives = 1 + static_cast<int>(rng() % 8);
+  return p;
+}
+}  // namespace
+
+TEST(Sampler, OpGivesTheLegacySamplersTokensAndFloats) {
+  for (int64_t V : {5, 257, 1000}) {
+    for (int kind = 0; kind < 30; ++kind) {
+      std::mt19937 rng(static_cast<unsigned>(V * 100 + kind));
+      const SamplingParams p = random_params(rng, kind);
+      std::vector<int> prompt;
+      for (int i = 0; i < 12; ++i) prompt.push_back(static_cast<int>(rng() % V));
+      LegacySampler old(p, prompt);
+      SequenceSampler now(p, prompt);
+      std::normal_distribution<float> N(0, 2);
+      std::vector<float> logits(V);
+      for (int step = 0; step < 20; ++step) {
+        for (float& x : logits) x = N(rng);
+        logits[rng() % V] += 5;
+        const TokenChoice a = old.choose(logits.data(), V), b = now.choose(logits.data(), V);
+        ASSERT_EQ(a.id, b.id) << "V " << V << " kind " << kind << " step " << step;
+        ASSERT_EQ(a.logprob, b.logprob) << "V " << V << " kind " << kind << " step " << step;
+        ASSERT_EQ(a.alternatives, b.alternatives) << "V " << V << " kind " << kind << " step " << step;
+      }
+    }
+  }
+}
+
+// The backend op on a batch in the tensor-parallel layout (3 shards, padding in the last) gives
+// what each sequence's sampler gives alone, and the targets are model/greedy.h's token_logprob.
+TEST(Sampler, BatchedOpInShardedLayoutMatchesPerRowChoices) {
+  const int64_t V = 1000, P = 3, Vr = 334, M = 6;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> N(0, 2);
+  std::vector<float> rows(M * V), gathered(P * M * Vr, 1e6f);  // padding must be ignored
+  for (float& x : rows) x = N(rng);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t v = 0; v < V; ++v) gathered[((v / Vr) * M + m) * Vr + v % Vr] = rows[m * V + v];
+  auto be = make_backend("cpu");
+  const Tensor logits = be->from_host(gathered.data(), DType::f32, {P, M, Vr});
+  SampleBatch b;
+  b.vocab = V;
+  std::vector<SamplingParams> ps;
+  std::vector<std::vector<int>> prompts;
+  for (int i = 0; i < 10; ++i) {
+    ps.push_back(random_params(rng, i));
+    prompts.push_back({static_cast<int>(rng() % V), static_cast<int>(rng() % V), 3});
+    SequenceSampler s(ps.back(), prompts.back());
+    b.rows.push_back(s.row(static_cast<int32_t>(i % M), b.penalties));
+  }
+  for (int t = 0; t < 8; ++t) b.targets.push_back({static_cast<int32_t>(t % M), static_cast<int32_t>(rng() % V)});
+  SampleResult out;
+  be->sample(out, logits, b);
+  ASSERT_EQ(out.tokens.size(), 10u);
+  for (int i = 0; i < 10; ++i) {
+    SequenceSampler s(ps[i], prompts[i]);
+    const TokenChoice c = s.choose(rows.data() + (i % M) * V, V);
+    EXPECT_EQ(out.tokens[i].id, c.id) << i;
+    EXPECT_EQ(out.tokens[i].logprob, c.logprob) << i;
+    EXPECT_EQ(out.tokens[i].alternatives, c.alternatives) << i;
+  }
+  for (int t = 0; t < 8; ++t)
+    EXPECT_EQ(out.target_logprobs[t], static_cast<float>(token_logprob(rows.data() + (t % M) * V, V, b.targets[t].id)));
+  b.rows[0].row = static_cast<int32_t>(M);  // outside the logits: a clear error
+  EXPECT_THROW(be->sample(out, logits, b), Error);
 }

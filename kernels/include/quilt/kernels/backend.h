@@ -3,11 +3,13 @@
 // cuda/<op>.cu. Destination first; shapes are given in the comment of each argument.
 // Ops never allocate and never exit: a shape mismatch is our bug (QUILT_ASSERT).
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "quilt/kernels/sample.h"
 #include "quilt/kernels/tensor.h"
 
 namespace quilt {
@@ -33,6 +35,12 @@ struct AttentionParams {
   int block_size = 0;
   int max_blocks_per_seq = 0;  // row stride of block_tables
   float scale = 1.f;           // softmax scale, head_dim^-0.5 for Gemma
+  // Optional host copies of cu_seqlens [num_seqs + 1] and seqlens [num_seqs] (the same values as
+  // the device tensors), valid during the call: with them a backend may plan its launches on the
+  // host (the CUDA backend's prefill kernel). Null: the backend reads the device tensors only.
+  const int32_t* host_cu_seqlens = nullptr;
+  const int32_t* host_seqlens = nullptr;
+  int num_seqs = 0;
 };
 
 // One adapter's rows in a LoRA op: rows [row_begin, row_end) of x and y use factors A and B.
@@ -40,6 +48,19 @@ struct LoraSegment {
   int32_t row_begin = 0, row_end = 0;
   const Tensor* A = nullptr;  // [r, K]
   const Tensor* B = nullptr;  // [N, r], the scale folded in
+};
+// One module's LoRA in a grouped call: its segments, writing columns [col_offset, col_offset + N).
+struct LoraProblem {
+  std::vector<LoraSegment> segments;
+  int64_t col_offset = 0;
+};
+
+// A recorded sequence of ops that replays with one launch (a CUDA graph). Replays read and write
+// the same tensors the recording did: refill their contents (upload_i32) before each launch.
+class BackendGraph {
+ public:
+  virtual ~BackendGraph() = default;
+  virtual void launch() = 0;
 };
 
 class Backend {
@@ -129,6 +150,36 @@ class Backend {
                          const Tensor& x,                          // [T, K]
                          const std::vector<LoraSegment>& segments,
                          int64_t col_offset);
+  // Several lora_sgmv problems on the same x and y (q, k and v into the fused qkv; gate and up into
+  // gate_up), in one call; the problems must write disjoint column ranges. The default runs
+  // lora_sgmv once per problem; the CUDA backend does all of them in one shrink and one expand.
+  virtual void lora_sgmv_multi(Tensor& y,        // [T, >= every col_offset + N]
+                               const Tensor& x,  // [T, K]
+                               const std::vector<LoraProblem>& problems);
+
+  // Chooses a token for every batch row and computes every target's logprob (sample.h), from
+  // logits that stay on this backend; only the small result comes back (the op waits for it).
+  // Column v of a row lives in shard v / Vr at [v / Vr, row, v % Vr]; columns >= batch.vocab
+  // (the last shard's padding) are ignored.
+  virtual void sample(SampleResult& out,
+                      const Tensor& logits,  // [M, Vr] or [P, M, Vr] (all-gathered shards), compute dtype
+                      const SampleBatch& batch) = 0;
+
+  // ---- graphs (decode steps replayed with one launch) ---------------------------------------
+  // Whether capture_graph works on this backend (cuda: yes; cpu: no, and the model runs eagerly).
+  virtual bool supports_graphs() const { return false; }
+  // Records the ops that `body` enqueues, without running them. The body must not allocate,
+  // synchronise or download, and each op in it must already have run once with the same shapes
+  // (kernels that tune themselves on a shape's first call do it outside the recording).
+  virtual std::unique_ptr<BackendGraph> capture_graph(const std::function<void()>& body);
+  // Changes whenever a buffer that recorded graphs may point into (the ops' scratch) is
+  // reallocated: graphs recorded before the change must be recorded again.
+  virtual uint64_t graph_epoch() const { return 0; }
+  // Copies n = dst.numel() host values into an existing i32 tensor, ordered with the ops (no
+  // synchronisation on the cuda backend).
+  virtual void upload_i32(Tensor& dst, const int32_t* src) = 0;
+  // Device memory: bytes free and total (0, 0 on the cpu backend).
+  virtual std::pair<size_t, size_t> memory_info() { return {0, 0}; }
 
   // KV cache storage for one layer: k and v, each num_blocks * block_size slots of
   // num_kv_heads * head_dim values, in the backend's own layout.
