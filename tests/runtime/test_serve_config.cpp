@@ -66,4 +66,21 @@ TEST(ServeConfig, ErrorsNameTheKey) {
   EXPECT_NE(error_of("model: [1, 2]").find("'model'"), std::string::npos);
   EXPECT_NE(error_of("a: [").find("not valid YAML"), std::string::npos);
   EXPECT_NE(error_of("limits: {max_best_of: 2}").find("max_best_of"), std::string::npos);
+  EXPECT_NE(error_of("cuda: {gpu_memory_fraction: 1.5}").find("cuda.gpu_memory_fraction"), std::string::npos);
+  EXPECT_NE(error_of("cuda: {gpu_memory_fraction: 0}").find("cuda.gpu_memory_fraction"), std::string::npos);
+  EXPECT_NE(error_of("cuda: {graphs_max_batch: -1}").find("cuda.graphs_max_batch"), std::string::npos);
+  EXPECT_NE(error_of("cuda: {graph_max_batch: 8}").find("'cuda.graph_max_batch'"), std::string::npos);
+}
+
+TEST(ServeConfig, CudaKeys) {
+  const auto d = ServeConfig::from_yaml_text("");
+  EXPECT_EQ(d.cuda_graphs_max_batch, 256);
+  EXPECT_DOUBLE_EQ(d.gpu_memory_fraction, 0.9);
+  const auto c = ServeConfig::from_yaml_text("cuda: {graphs_max_batch: 0, gpu_memory_fraction: 0.5}");
+  EXPECT_EQ(c.cuda_graphs_max_batch, 0);
+  EXPECT_DOUBLE_EQ(c.gpu_memory_fraction, 0.5);
+  // The printed config reads back the same.
+  const auto back = ServeConfig::from_yaml_text(c.to_yaml());
+  EXPECT_EQ(back.cuda_graphs_max_batch, 0);
+  EXPECT_DOUBLE_EQ(back.gpu_memory_fraction, 0.5);
 }
