@@ -37,7 +37,7 @@ struct Context {
   // next bytes of `up_host` and copy asynchronously; the bytes are reused only after the stream
   // has been synchronised (up_used then goes back to 0), so no copy reads overwritten data.
   void* up_host = nullptr;
-  size_t up_bytes = 0, up_used = 0;
+  size_t up_bytes = 0, up_used = 0, up_bytes_initial = 0;
   void* down_host = nullptr;
   size_t down_bytes = 0;
   // Kernels whose shared-memory opt-in (above 48 KB) is done, one bit each.
@@ -56,6 +56,14 @@ struct Context {
 
   // At least `bytes` of device scratch, ordered on the stream (valid until the next call).
   void* scratch(size_t bytes, const char* op);
+  // The next `bytes` of the pinned upload ring, to fill on the host and then hand to
+  // upload_staged (waits for the stream only when the ring is full; grows it for a larger upload).
+  char* staging(size_t bytes, const char* op);
+  // Enqueues the copy of `bytes` staged at `staged` (from staging()) to `device_dst` and moves
+  // the ring on; no synchronisation.
+  void upload_staged(void* device_dst, const char* staged, size_t bytes, const char* op);
+  // staging + memcpy + upload_staged.
+  void stage_upload(void* device_dst, const void* src, size_t bytes, const char* op);
 };
 
 // A failed CUDA call becomes quilt::Error naming the op: the caller can report it (a sticky

@@ -44,6 +44,37 @@ void* Context::scratch(size_t bytes, const char* op) {
   ++scratch_epoch;
   return scratch_ptr;
 }
+
+char* Context::staging(size_t bytes, const char* op) {
+  const size_t need = (bytes + 255) / 256 * 256;
+  if (up_used + need > up_bytes) {
+    // Every staged byte may still be in flight: wait for the stream, then start over (bigger if
+    // this one upload does not fit).
+    check(cudaStreamSynchronize(stream), op);
+    up_used = 0;
+    if (need > up_bytes) {
+      check(cudaFreeHost(up_host), op);
+      up_host = nullptr;
+      up_bytes = 0;
+      const size_t grown = std::max(need, 2 * up_bytes_initial);
+      check(cudaMallocHost(&up_host, grown), op);
+      up_bytes = grown;
+    }
+  }
+  return static_cast<char*>(up_host) + up_used;
+}
+
+void Context::upload_staged(void* device_dst, const char* staged, size_t bytes, const char* op) {
+  QUILT_ASSERT(staged == static_cast<char*>(up_host) + up_used, op, ": upload_staged without staging()");
+  check(cudaMemcpyAsync(device_dst, staged, bytes, cudaMemcpyHostToDevice, stream), op);
+  up_used += (bytes + 255) / 256 * 256;
+}
+
+void Context::stage_upload(void* device_dst, const void* src, size_t bytes, const char* op) {
+  char* staged = staging(bytes, op);
+  std::memcpy(staged, src, bytes);
+  upload_staged(device_dst, staged, bytes, op);
+}
 }  // namespace cuda
 
 namespace {
@@ -102,6 +133,7 @@ class CudaBackend final : public Backend {
     c.counter_count = kCounters;
     cuda::check(cudaMallocHost(&c.up_host, kUploadStaging), "init: pinned upload staging");
     c.up_bytes = kUploadStaging;
+    c.up_bytes_initial = kUploadStaging;
     cuda::check(cudaMallocHost(&c.down_host, kDownloadStaging), "init: pinned download staging");
     c.down_bytes = kDownloadStaging;
     cuda::check(cudaStreamCreateWithFlags(&c.stream, cudaStreamNonBlocking), "init: stream");
@@ -283,30 +315,9 @@ class CudaBackend final : public Backend {
   // The current device is per host thread; the worker's actor thread may not be the one that
   // made the backend.
   void set_device() { cuda::check(cudaSetDevice(ctx_->device), "cudaSetDevice"); }
-  // Copies n bytes from host `src` to device `dst` through the next bytes of the pinned staging
-  // ring, ordered on the stream, without synchronising (see Context::up_host).
   void stage_upload(void* dst, const void* src, size_t n, const char* op) {
     set_device();
-    cuda::Context& c = *ctx_;
-    const size_t need = (n + 255) / 256 * 256;
-    if (c.up_used + need > c.up_bytes) {
-      // Every staged byte may still be in flight: wait for the stream, then start over (bigger if
-      // this one upload does not fit).
-      cuda::check(cudaStreamSynchronize(c.stream), op);
-      c.up_used = 0;
-      if (need > c.up_bytes) {
-        cuda::check(cudaFreeHost(c.up_host), op);
-        c.up_host = nullptr;
-        c.up_bytes = 0;
-        const size_t grown = std::max(need, 2 * kUploadStaging);
-        cuda::check(cudaMallocHost(&c.up_host, grown), op);
-        c.up_bytes = grown;
-      }
-    }
-    char* staged = static_cast<char*>(c.up_host) + c.up_used;
-    std::memcpy(staged, src, n);
-    cuda::check(cudaMemcpyAsync(dst, staged, n, cudaMemcpyHostToDevice, c.stream), op);
-    c.up_used += need;
+    ctx_->stage_upload(dst, src, n, op);
   }
   // Pageable source (weights, at load time): the copy is complete (and `src` reusable) when
   // this returns.

@@ -513,24 +513,11 @@ void sample(Context& c, SampleResult& out, const Tensor& logits, const SampleBat
   char* dev = static_cast<char*>(c.scratch(work_off + work_b, "sample"));
 
   // Pinned staging, as the backend's uploads: wait only when the ring is full.
-  const size_t need = align256(params_b);
-  if (c.up_used + need > c.up_bytes) {
-    check(cudaStreamSynchronize(c.stream), "sample: staging");
-    c.up_used = 0;
-    if (need > c.up_bytes) {
-      check(cudaFreeHost(c.up_host), "sample: staging");
-      c.up_host = nullptr;
-      c.up_bytes = 0;
-      check(cudaMallocHost(&c.up_host, need), "sample: staging");
-      c.up_bytes = need;
-    }
-  }
-  char* staged = static_cast<char*>(c.up_host) + c.up_used;
+  char* staged = c.staging(params_b, "sample: upload");
   if (rows_b) std::memcpy(staged, rows.data(), rows_b);
   if (tgt_b) std::memcpy(staged + tgt_off, batch.targets.data(), tgt_b);
   if (pen_b) std::memcpy(staged + pen_off, batch.penalties.data(), pen_b);
-  check(cudaMemcpyAsync(dev, staged, params_b, cudaMemcpyHostToDevice, c.stream), "sample: upload");
-  c.up_used += need;
+  c.upload_staged(dev, staged, params_b, "sample: upload");
 
   const auto* d_rows = reinterpret_cast<const DevRow*>(dev);
   const auto* d_tgt = reinterpret_cast<const LogprobTarget*>(dev + tgt_off);

@@ -14,10 +14,10 @@ set_tests_properties(test_cuda_prefill PROPERTIES SKIP_REGULAR_EXPRESSION "no CU
 quilt_test(test_cuda_sample SOURCES kernels/test_cuda_sample.cpp LABELS cuda)
 set_tests_properties(test_cuda_sample PROPERTIES SKIP_REGULAR_EXPRESSION "no CUDA device visible")
 
-# Tensor parallelism on 2 GPUs through NCCL against TP 1 (launch/experiments/cuda-stage2.md).
+# Tensor parallelism on 2 and 4 GPUs (NCCL, one-shot all-reduce) against TP 1 (launch/experiments/cuda-stage2.md).
 if(QUILT_HAVE_NCCL)
-  quilt_mpi_test(test_tensor_parallel_cuda SOURCES mpi/test_tensor_parallel_cuda.cpp model/fixtures.cpp NP 2)
-  set_tests_properties(test_tensor_parallel_cuda_np2 PROPERTIES LABELS "cuda;mpi"
+  quilt_mpi_test(test_tensor_parallel_cuda SOURCES mpi/test_tensor_parallel_cuda.cpp model/fixtures.cpp NP 2 4)
+  set_tests_properties(test_tensor_parallel_cuda_np2 test_tensor_parallel_cuda_np4 PROPERTIES LABELS "cuda;mpi"
                        SKIP_REGULAR_EXPRESSION "no CUDA device visible")
   # The one-shot all-reduce over NVLink peer memory against NCCL (runtime/comm/p2p_allreduce.h),
   # and its latency against NCCL's (launch/experiments/bench_allreduce.cpp, under mpirun -np P).

@@ -1,4 +1,4 @@
-// Tensor parallelism on GPUs through NCCL, run under mpiexec -np 2 (one GPU per rank): each rank
+// Tensor parallelism on GPUs through NCCL (and the one-shot all-reduce), run under mpiexec -np 2 and 4 (one GPU per rank): each rank
 // builds the whole model alone (TP 1, SoloCommunicator) and its shard over the communicator that
 // make_communicator picks for the cuda backend (NCCL), both in f32 on its own GPU, and checks that
 // the sharded logits agree with the whole model's within 1e-4, that the greedy ids are the same,
