@@ -16,6 +16,18 @@ void Backend::lora_sgmv_multi(Tensor& y, const Tensor& x, const std::vector<Lora
     if (!p.segments.empty()) lora_sgmv(y, x, p.segments, p.col_offset);
 }
 
+void Backend::lora_shrink(const LoraStep&, int, const LoraGroup&, const Tensor&) {
+  QUILT_FAIL("backend '", name(), "' has no LoRA kernel yet: serve adapters with the cpu backend");
+}
+
+void Backend::lora_expand(const LoraStep&, int, const LoraGroup&, Tensor&) {
+  QUILT_FAIL("backend '", name(), "' has no LoRA kernel yet: serve adapters with the cpu backend");
+}
+
+void Backend::lora_expand_gelu(const LoraStep&, int, const LoraGroup&, const Tensor&, Tensor&) {
+  QUILT_FAIL("backend '", name(), "' has no LoRA kernel yet: serve adapters with the cpu backend");
+}
+
 std::unique_ptr<BackendGraph> Backend::capture_graph(const std::function<void()>&) {
   QUILT_FAIL("backend '", name(), "' cannot record graphs");
 }

@@ -2,7 +2,8 @@
 // then Backend::sample choosing each row's token greedily; only ids and logprobs come back)
 // on random weights of a real Gemma shape, and prints each figure with its physical bound:
 //   decode   ms/step at batch B and context C; bound = bytes read per step per rank (weights +
-//            the KV of B x C tokens) / HBM bandwidth;
+//            the KV of B x C tokens, in the KV dtype of --kv-dtype: fp8_e4m3 counts its scales)
+//            / HBM bandwidth;
 //   prefill  ms for one T-token prompt; bound = FLOPs (2 x weights x T + causal attention) / peak;
 //   lora     decode at the LoRA batch with N distinct rank-r adapters on all 7 modules against
 //            the base model at the same batch ("kept" = base time / LoRA time, goal >= 95%);
@@ -88,9 +89,10 @@ class Bench {
   }
 
   void run() {
-    say("quilt bench-step: %s, backend %s (%s), TP %d, device %s; bandwidth %.2f TB/s, peak %.0f TFLOP/s%s\n",
-        o_.preset.c_str(), be_->name().c_str(), dtype_name(be_->compute_dtype()), size_, dev_.name.c_str(),
-        dev_.hbm_tbs, dev_.peak_tflops, dev_.hbm_tbs <= 0 ? " (unknown: bounds not printed; pass --hbm-tbs)" : "");
+    say("quilt bench-step: %s, backend %s (%s, KV cache %s), TP %d, device %s; bandwidth %.2f TB/s, peak %.0f TFLOP/s%s\n",
+        o_.preset.c_str(), be_->name().c_str(), dtype_name(be_->compute_dtype()), dtype_name(kv_dtype()), size_,
+        dev_.name.c_str(), dev_.hbm_tbs, dev_.peak_tflops,
+        dev_.hbm_tbs <= 0 ? " (unknown: bounds not printed; pass --hbm-tbs)" : "");
     make_weights();
     say("weights per rank: %.2f GiB\n", weight_bytes_ / double(1 << 30));
     say("%-44s %12s %12s %8s  %s\n", "figure", "measured", "bound", "ratio", "notes");
@@ -167,10 +169,21 @@ class Bench {
     }
     w.final_norm = weight({H}, 0.1f);
     model_ = std::make_unique<GemmaForCausalLM>(cfg_, *be_, *comm_, std::move(w));
+    model_->set_kv_cache_dtype(kv_dtype());
   }
 
+  // --kv-dtype: auto = the compute dtype.
+  DType kv_dtype() const {
+    QUILT_REQUIRE(o_.kv_dtype == "auto" || o_.kv_dtype == "fp8_e4m3", "bench-step: --kv-dtype must be auto or fp8_e4m3, not '",
+                  o_.kv_dtype, "'");
+    QUILT_REQUIRE(o_.kv_dtype == "auto" || be_->device() == Device::cuda, "bench-step: --kv-dtype ", o_.kv_dtype,
+                  " needs --backend cuda");
+    return o_.kv_dtype == "fp8_e4m3" ? DType::fp8_e4m3 : be_->compute_dtype();
+  }
+  const char* kv_name() const { return dtype_name(kv_dtype()); }
+  // Every layer's k and v of one token on this rank, in the KV dtype (fp8: values and scales).
   size_t kv_bytes_per_token() const {
-    return static_cast<size_t>(cfg_.num_hidden_layers) * 2 * tp_.kv_heads * cfg_.head_dim * dtype_size(be_->compute_dtype());
+    return static_cast<size_t>(cfg_.num_hidden_layers) * 2 * be_->kv_cache_bytes_per_slot(tp_.kv_heads, cfg_.head_dim, kv_dtype());
   }
 
   // B sequences, each decoding at context C (the same position every step, so the context stays C).
@@ -264,8 +277,9 @@ class Bench {
           model_->set_decode_graphs(g ? max_b : 0);
           const double ms = time_forward(in, *kv, 3, o_.steps);
           char notes[160];
-          std::snprintf(notes, sizeof notes, "%s; %.0f tok/s; %.2f GB read/step/rank%s", g ? "graph" : "eager",
-                        B * 1e3 / ms, bytes / 1e9, g && !model_->last_forward_replayed_graph() ? " (NOT replayed)" : "");
+          std::snprintf(notes, sizeof notes, "%s; KV %s; %.0f tok/s; %.2f GB read/step/rank%s", g ? "graph" : "eager",
+                        kv_name(), B * 1e3 / ms, bytes / 1e9,
+                        g && !model_->last_forward_replayed_graph() ? " (NOT replayed)" : "");
           figure(std::string(name) + (g ? " graph" : " eager"), ms, "ms", bound_ms(bytes), notes);
         }
         model_->set_decode_graphs(0);
@@ -361,19 +375,30 @@ class Bench {
       for (int i = 0; i < N; ++i)
         in.adapter_data.segments.push_back(AdapterSegment{static_cast<int32_t>(int64_t(B) * i / N),
                                                           static_cast<int32_t>(int64_t(B) * (i + 1) / N), &adapters[i]});
-      char name[96];
-      std::snprintf(name, sizeof name, "lora B=%d C=%d %d adapters r%d", B, C, N, o_.lora_rank);
-      double ms = 0;
-      try {
-        ms = time_forward(in, *kv, 2, o_.steps);
-      } catch (const std::exception& e) {
-        say("%-44s %12s  %s\n", name, "failed", e.what());
-        return;
+      // Eagerly and replayed from the bucket's graph (the adapter mix is the graph's data,
+      // lora_plan.h), as --graphs says for decode.
+      std::vector<int> modes;
+      if (o_.graphs == "off" || o_.graphs == "both" || !be_->supports_graphs()) modes.push_back(0);
+      if ((o_.graphs == "on" || o_.graphs == "both") && be_->supports_graphs()) modes.push_back(1);
+      for (int g : modes) {
+        char name[96];
+        std::snprintf(name, sizeof name, "lora B=%d C=%d %d adapters r%d%s", B, C, N, o_.lora_rank, g ? " graph" : "");
+        double ms = 0;
+        try {
+          model_->set_decode_graphs(g ? B : 0);
+          ms = time_forward(in, *kv, 2, o_.steps);
+        } catch (const std::exception& e) {
+          model_->set_decode_graphs(0);
+          say("%-44s %12s  %s\n", name, "failed", e.what());
+          return;
+        }
+        char notes[200];
+        std::snprintf(notes, sizeof notes, "%s; kept %.1f%% of the best base (goal >= 95%%); %.0f tok/s; +%.1f MB adapters",
+                      !g ? "eager" : model_->last_forward_replayed_graph() ? "graph" : "graph NOT replayed",
+                      100.0 * best_base / ms, B * 1e3 / ms, lora_bytes / 1e6);
+        figure(name, ms, "ms", bound_ms(bytes + lora_bytes), notes);
       }
-      char notes[200];
-      std::snprintf(notes, sizeof notes, "kept %.1f%% of the best base (goal >= 95%%); %.0f tok/s; +%.1f MB adapters",
-                    100.0 * best_base / ms, B * 1e3 / ms, lora_bytes / 1e6);
-      figure(name, ms, "ms", bound_ms(bytes + lora_bytes), notes);
+      model_->set_decode_graphs(0);
     }
   }
 

@@ -20,6 +20,7 @@ struct BenchStepOptions {
   int lora_context = 512;
   int steps = 20;              // timed decode steps per figure (median)
   std::string graphs = "both";  // on | off | both (decode figures)
+  std::string kv_dtype = "auto";  // KV cache storage: auto (the compute dtype) | fp8_e4m3 (cuda)
   double hbm_tbs = 0;          // memory bandwidth for the bound; 0: from the GPU's name
   double peak_tflops = 0;      // dense bf16 peak for the prefill bound; 0: from the GPU's name
   std::string json_path;       // also write every figure here (JSON lines)

@@ -86,6 +86,8 @@ int main(int argc, char** argv) {
   bs->add_option("--steps", bench.steps, "Timed decode steps per figure (median)")->capture_default_str()->check(CLI::PositiveNumber);
   bs->add_option("--graphs", bench.graphs, "Decode with CUDA graphs: on, off or both")->capture_default_str()
       ->check(CLI::IsMember({"on", "off", "both"}));
+  bs->add_option("--kv-dtype", bench.kv_dtype, "KV cache storage: auto (the compute dtype) or fp8_e4m3 (cuda backend)")
+      ->capture_default_str()->check(CLI::IsMember({"auto", "fp8_e4m3"}));
   bs->add_option("--hbm-tbs", bench.hbm_tbs, "Memory bandwidth in TB/s for the bounds (default: from the GPU's name)");
   bs->add_option("--peak-tflops", bench.peak_tflops, "Dense bf16 TFLOP/s for the prefill bound (default: from the GPU's name)");
   bs->add_option("--json", bench.json_path, "Append every figure to this file as JSON lines");

@@ -154,6 +154,8 @@ void run_worker_role(const ServeConfig& cfg_in, const std::string& model_dir, co
     log::info("replica ", layout.replica, ": ", cfg.adapter_slots, " adapter slots of rank ", cfg.adapter_max_rank,
               " reserved (", adapters.reserved_bytes() >> 10, " KiB per rank)");
   if (cfg.backend == "cuda") model.set_decode_graphs(cfg.cuda_graphs_max_batch);
+  // Before sizing: the KV bytes per block (and the warm-up's scratch cache) follow the KV dtype.
+  if (cfg.cuda_kv_cache_dtype == "fp8_e4m3") model.set_kv_cache_dtype(DType::fp8_e4m3);
   int mine = 0;
   try {
     mine = size_kv_blocks(cfg, model, *backend, talk, layout.replica);
@@ -165,7 +167,8 @@ void run_worker_role(const ServeConfig& cfg_in, const std::string& model_dir, co
   cfg.kv_blocks = agree_kv_blocks(cfg, mine, world);
   if (talk)
     log::info("replica ", layout.replica, ": ", cfg.kv_blocks, " KV blocks of ", cfg.block_size, " tokens (",
-              (static_cast<size_t>(cfg.kv_blocks) * model.kv_bytes_per_block(cfg.block_size)) >> 20, " MiB per rank)");
+              (static_cast<size_t>(cfg.kv_blocks) * model.kv_bytes_per_block(cfg.block_size)) >> 20, " MiB per rank, ",
+              dtype_name(model.kv_cache_dtype()), ")");
   ModelRunner runner(model, cfg.effective_kv_blocks(), cfg.block_size, load_eos_ids(model_dir, mcfg), layout.replica,
                      &adapters);
   WorkerOptions opt;

@@ -29,12 +29,12 @@ GemmaForCausalLM::GemmaForCausalLM(const GemmaConfig& config, Backend& backend, 
 
 KvCache GemmaForCausalLM::allocate_kv_cache(int num_blocks, int block_size) {
   return KvCache::allocate(be_, cfg_.num_hidden_layers, num_blocks, block_size, tp_.kv_heads,
-                           cfg_.head_dim);
+                           cfg_.head_dim, kv_cache_dtype());
 }
 
 size_t GemmaForCausalLM::kv_bytes_per_block(int block_size) const {
-  return static_cast<size_t>(cfg_.num_hidden_layers) * 2 * block_size * tp_.kv_heads * cfg_.head_dim *
-         dtype_size(be_.compute_dtype());
+  return static_cast<size_t>(cfg_.num_hidden_layers) * 2 * block_size *
+         be_.kv_cache_bytes_per_slot(tp_.kv_heads, cfg_.head_dim, kv_cache_dtype());
 }
 
 LoraAdapterShard GemmaForCausalLM::load_adapter(const HostLoraAdapter& adapter) {
@@ -83,7 +83,7 @@ ForwardOutput GemmaForCausalLM::forward(const ForwardInputs& in, KvCache& kv) {
 
   last_replayed_ = false;
   ForwardOutput out;
-  if (forward_graph(in, kv, out)) return out;
+  if (forward_graph(in, segments, kv, out)) return out;
 
   const int64_t M = in.skip_lm_head ? 0 : (in.lm_head_indices.empty() ? T : static_cast<int64_t>(in.lm_head_indices.size()));
   std::vector<int32_t> rows = in.lm_head_indices;
@@ -103,7 +103,17 @@ ForwardOutput GemmaForCausalLM::forward(const ForwardInputs& in, KvCache& kv) {
   be_.upload_i32(st.tables, in.block_tables.data());
   if (M > 0) be_.upload_i32(st.rows, rows.data());
   st.host = &in;
-  run_ops(st, segments, in.max_blocks_per_seq, kv);
+  if (!segments.empty()) {
+    const std::vector<int32_t> words = lora_plan(segments, T);
+    if (words[0] > 0) {
+      st.lora_max_tiles = words[0];
+      st.lora_max_rows = static_cast<int>(T);
+      st.lora_tiles = be_.empty({static_cast<int64_t>(words.size())}, DType::i32);
+      be_.upload_i32(st.lora_tiles, words.data());
+      st.lora_part = be_.zeros({lora_partial_floats(st.lora_max_tiles)}, DType::f32);
+    }
+  }
+  run_ops(st, in.max_blocks_per_seq, kv);
   if (M == 0) return out;
   if (in.logits_on_device) {
     out.rows = M;
@@ -117,6 +127,7 @@ void GemmaForCausalLM::set_decode_graphs(int max_batch) {
   QUILT_REQUIRE(max_batch >= 0, "decode graphs: max_batch must be >= 0, not ", max_batch);
   graphs_.clear();
   graph_arena_ = StepTensors{};
+  graph_lora_part_ = Tensor{};
   graph_max_batch_ = be_.supports_graphs() ? max_batch : 0;
 }
 
@@ -173,8 +184,7 @@ GemmaForCausalLM::StepTensors GemmaForCausalLM::rows_of(const StepTensors& a, in
   return t;
 }
 
-void GemmaForCausalLM::run_ops(StepTensors& t, const std::vector<AdapterSegment>& segments, int max_blocks,
-                               KvCache& kv) {
+void GemmaForCausalLM::run_ops(StepTensors& t, int max_blocks, KvCache& kv) {
   const int64_t H = cfg_.hidden_size, D = cfg_.head_dim;
   // The reference rounds sqrt(hidden) to the activation dtype before scaling.
   const float normalizer = static_cast<float>(std::sqrt(static_cast<double>(H)));
@@ -189,48 +199,64 @@ void GemmaForCausalLM::run_ops(StepTensors& t, const std::vector<AdapterSegment>
                            t.host ? static_cast<int>(t.host->seqlen.size()) : 0};
   const float eps = cfg_.rms_norm_eps;
 
-  // LoRA segments of one module in one layer.
-  auto lora = [&](int l, LoraTarget tg) {
-    std::vector<LoraSegment> out;
-    for (const auto& seg : segments)
-      if (const auto& m = seg.adapter->layers[l][static_cast<int>(tg)])
-        out.push_back(LoraSegment{seg.row_begin, seg.row_end, &m->A, &m->B});
-    return out;
+  // Multi-LoRA from the step's plan (lora_plan.h): per layer, one shrink and one expand per group
+  // of modules sharing an input; the shrink is enqueued before the base matmul, which it may run
+  // beside (it reads the input, the matmul writes the output), and the expand after it.
+  const bool lora = t.lora_max_tiles > 0;
+  LoraStep plan;
+  LoraGroup g_qkv, g_o, g_gate_up, g_down;
+  if (lora) {
+    plan.table = lora_table_->tensor();
+    plan.tiles = t.lora_tiles;
+    plan.partials = t.lora_part;
+    plan.layers = cfg_.num_hidden_layers;
+    plan.modules = kNumLoraTargets;
+    plan.max_tiles = t.lora_max_tiles;
+    plan.max_rows = t.lora_max_rows;
+    auto add = [&](LoraGroup& g, LoraTarget tg, int64_t col) {
+      const auto [in, out] = lora_local_dims(tg, cfg_, tp_);
+      g.k = in;
+      g.add(static_cast<int>(tg), col, out);
+    };
+    add(g_qkv, LoraTarget::q, 0);
+    add(g_qkv, LoraTarget::k, g_qkv.n[0]);
+    add(g_qkv, LoraTarget::v, g_qkv.n[0] + g_qkv.n[1]);
+    add(g_o, LoraTarget::o, 0);
+    add(g_gate_up, LoraTarget::gate, 0);
+    add(g_gate_up, LoraTarget::up, g_gate_up.n[0]);
+    add(g_down, LoraTarget::down, 0);
+  }
+  auto shrink = [&](int l, const LoraGroup& g, const Tensor& xin) {
+    if (lora) be_.lora_shrink(plan, l, g, xin);
   };
-  auto apply = [&](Tensor& y, const Tensor& xin, int l, LoraTarget tg, int64_t col) {
-    if (segments.empty()) return;
-    const auto segs = lora(l, tg);
-    if (!segs.empty()) be_.lora_sgmv(y, xin, segs, col);
+  auto expand = [&](int l, const LoraGroup& g, Tensor& y) {
+    if (lora) be_.lora_expand(plan, l, g, y);
   };
-  // Modules that read the same input into column ranges of one output (q/k/v, gate/up): one call.
-  auto apply_multi = [&](Tensor& y, const Tensor& xin, int l,
-                         std::initializer_list<std::pair<LoraTarget, int64_t>> mods) {
-    if (segments.empty()) return;
-    std::vector<LoraProblem> problems;
-    for (const auto& [tg, col] : mods)
-      if (auto segs = lora(l, tg); !segs.empty()) problems.push_back(LoraProblem{std::move(segs), col});
-    if (!problems.empty()) be_.lora_sgmv_multi(y, xin, problems);
-  };
-  const int64_t q_w = static_cast<int64_t>(tp_.q_heads) * D, kv_w = static_cast<int64_t>(tp_.kv_heads) * D;
 
   be_.rms_norm(t.normed, t.x, w_.layers[0].input_norm, eps);
   for (int l = 0; l < cfg_.num_hidden_layers; ++l) {
     const LayerWeights& L = w_.layers[l];
+    shrink(l, g_qkv, t.normed);
     be_.matmul(t.qkv, t.normed, L.qkv, false);
-    apply_multi(t.qkv, t.normed, l, {{LoraTarget::q, 0}, {LoraTarget::k, q_w}, {LoraTarget::v, q_w + kv_w}});
+    expand(l, g_qkv, t.qkv);
     be_.rope(t.qkv, t.pos, rope);
     be_.write_kv_cache(kv.k[l], kv.v[l], t.qkv, t.slots, kvw);
     be_.paged_attention(t.attn, t.qkv, kv.k[l], kv.v[l], t.cu, t.lens, t.tables, ap);
+    shrink(l, g_o, t.attn);
     be_.matmul(t.proj, t.attn, L.o, false);
-    apply(t.proj, t.attn, l, LoraTarget::o, 0);  // the rank's partial joins the all-reduce
+    expand(l, g_o, t.proj);  // the rank's partial joins the all-reduce
     comm_.all_reduce_sum(t.proj);
     be_.add_rms_norm(t.x, t.normed, t.proj, L.post_norm, eps);
 
+    shrink(l, g_gate_up, t.normed);
     be_.matmul(t.gate_up, t.normed, L.gate_up, false);
-    apply_multi(t.gate_up, t.normed, l, {{LoraTarget::gate, 0}, {LoraTarget::up, tp_.intermediate}});
-    be_.gelu_tanh_mul(t.act, t.gate_up);
+    if (lora)  // the expand rides on the activation's reads of gate_up
+      be_.lora_expand_gelu(plan, l, g_gate_up, t.gate_up, t.act);
+    else
+      be_.gelu_tanh_mul(t.act, t.gate_up);
+    shrink(l, g_down, t.act);
     be_.matmul(t.proj, t.act, L.down, false);
-    apply(t.proj, t.act, l, LoraTarget::down, 0);
+    expand(l, g_down, t.proj);
     comm_.all_reduce_sum(t.proj);
     const Tensor& next_norm = l + 1 < cfg_.num_hidden_layers ? w_.layers[l + 1].input_norm : w_.final_norm;
     be_.add_rms_norm(t.x, t.normed, t.proj, next_norm, eps);
@@ -264,12 +290,11 @@ ForwardOutput GemmaForCausalLM::download_logits(const Tensor& all, int64_t M, in
   return out;
 }
 
-bool GemmaForCausalLM::forward_graph(const ForwardInputs& in, KvCache& kv, ForwardOutput& out) {
+bool GemmaForCausalLM::forward_graph(const ForwardInputs& in, const std::vector<AdapterSegment>& segments,
+                                     KvCache& kv, ForwardOutput& out) {
   const int64_t T = static_cast<int64_t>(in.input_ids.size());
   const int64_t S = static_cast<int64_t>(in.seqlen.size());
-  if (graph_max_batch_ <= 0 || T == 0 || T != S || T > graph_max_batch_ || in.skip_lm_head ||
-      !in.adapter_data.empty())
-    return false;
+  if (graph_max_batch_ <= 0 || T == 0 || T != S || T > graph_max_batch_ || in.skip_lm_head) return false;
   if (!in.lm_head_indices.empty()) {
     if (static_cast<int64_t>(in.lm_head_indices.size()) != T) return false;
     for (int64_t t = 0; t < T; ++t)
@@ -288,8 +313,27 @@ bool GemmaForCausalLM::forward_graph(const ForwardInputs& in, KvCache& kv, Forwa
     for (int b = 0; b < graph_max_batch_; ++b) rows[b] = b;
     be_.upload_i32(graph_arena_.rows, rows.data());
   }
-  DecodeGraph& g = graphs_[{B, W}];
-  if (!g.t.ids.data()) g.t = rows_of(graph_arena_, B, be_.empty({B, W}, DType::i32));
+  // Adapters: the plan's tiles (at most T <= B) go into this graph's own buffer of B tiles and
+  // B rows (the padding rows are base rows: lora_expand_gelu writes every row).
+  std::vector<int32_t> lora_words;
+  if (!segments.empty()) lora_words = lora_plan(segments, B);
+  const bool lora = !lora_words.empty() && lora_words[0] > 0;
+  DecodeGraph& g = graphs_[{B, W, lora}];
+  if (!g.t.ids.data()) {
+    g.t = rows_of(graph_arena_, B, be_.empty({B, W}, DType::i32));
+    if (lora) {
+      if (!graph_lora_part_.data()) graph_lora_part_ = be_.zeros({lora_partial_floats(graph_max_batch_)}, DType::f32);
+      g.t.lora_tiles = be_.empty({kLoraHeaderInts + int64_t{B} * kLoraTileInts + B}, DType::i32);
+      g.t.lora_part = graph_lora_part_;
+      g.t.lora_max_tiles = B;
+      g.t.lora_max_rows = B;
+    }
+  }
+  if (lora) {
+    QUILT_ASSERT(lora_words[0] <= B && static_cast<int64_t>(lora_words.size()) <= g.t.lora_tiles.numel());
+    Tensor used = g.t.lora_tiles.slice_rows(0, static_cast<int64_t>(lora_words.size()));
+    be_.upload_i32(used, lora_words.data());
+  }
   // Padding rows decode a one-token context in block 0 and write nothing (slot -1); their
   // outputs are never read.
   std::vector<int32_t> ids(B, 0), pos(B, 0), slots(B, -1), cu(B + 1), lens(B, 1), tables(static_cast<size_t>(B) * W, 0);
@@ -308,19 +352,20 @@ bool GemmaForCausalLM::forward_graph(const ForwardInputs& in, KvCache& kv, Forwa
   be_.upload_i32(g.t.lens, lens.data());
   be_.upload_i32(g.t.tables, tables.data());
 
-  const std::vector<AdapterSegment> none;
   const void* kv_key = kv.k.empty() ? nullptr : kv.k[0].data();
-  if (g.graph && g.epoch == be_.graph_epoch() && g.kv_key == kv_key) {
+  const uint64_t lora_epoch = lora ? lora_table_->epoch() : 0;
+  if (g.graph && g.epoch == be_.graph_epoch() && g.kv_key == kv_key && g.lora_epoch == lora_epoch) {
     g.graph->launch();
     last_replayed_ = true;
   } else {
     // This step runs eagerly (kernels that tune themselves per shape do it here), then the same
     // ops are recorded for the next steps of this bucket.
     g.graph.reset();
-    run_ops(g.t, none, W, kv);
-    g.graph = be_.capture_graph([&] { run_ops(g.t, none, W, kv); });
+    run_ops(g.t, W, kv);
+    g.graph = be_.capture_graph([&] { run_ops(g.t, W, kv); });
     g.epoch = be_.graph_epoch();
     g.kv_key = kv_key;
+    g.lora_epoch = lora_epoch;
   }
   if (in.logits_on_device) {
     out.rows = T;
@@ -329,6 +374,56 @@ bool GemmaForCausalLM::forward_graph(const ForwardInputs& in, KvCache& kv, Forwa
     out = download_logits(g.t.all, T, B);
   }
   return true;
+}
+
+void GemmaForCausalLM::lora_entries(const LoraAdapterShard& a, std::vector<LoraEntry>& out) const {
+  const size_t layers = static_cast<size_t>(cfg_.num_hidden_layers);
+  out.assign(layers * kNumLoraTargets, LoraEntry{nullptr, nullptr, 0, 0});
+  QUILT_REQUIRE(a.layers.size() == layers, "adapter '", a.name, "' has ", a.layers.size(), " layers, the model ", layers);
+  for (size_t l = 0; l < layers; ++l)
+    for (int t = 0; t < kNumLoraTargets; ++t)
+      if (const auto& m = a.layers[l][t]; m && m->rank > 0)
+        out[l * kNumLoraTargets + t] = LoraEntry{m->A.data(), m->B.data(), m->rank, 0};
+}
+
+void GemmaForCausalLM::lora_check(const LoraAdapterShard& a) const {
+  for (int l = 0; l < cfg_.num_hidden_layers; ++l)
+    for (int t = 0; t < kNumLoraTargets; ++t) {
+      const auto& m = a.layers[l][t];
+      if (!m) continue;
+      const auto [in, out] = lora_local_dims(static_cast<LoraTarget>(t), cfg_, tp_);
+      const int64_t r = m->rank;
+      QUILT_REQUIRE(m->A.rank() == 2 && m->B.rank() == 2 && m->A.dim(0) == r && m->A.dim(1) == in &&
+                        m->B.dim(0) == out && m->B.dim(1) == r && m->A.dtype() == be_.compute_dtype() &&
+                        m->B.dtype() == be_.compute_dtype() && m->A.device() == be_.device() &&
+                        m->B.device() == be_.device(),
+                    "adapter '", a.name, "' layer ", l, " ", lora_target_name(static_cast<LoraTarget>(t)), " of rank ",
+                    r, ": A ", m->A.describe(), " and B ", m->B.describe(), " do not fit this model's [r, ", in,
+                    "] and [", out, ", r] on backend ", be_.name());
+      QUILT_REQUIRE(r <= kLoraMaxRank, "adapter '", a.name, "' layer ", l, " ",
+                    lora_target_name(static_cast<LoraTarget>(t)), " has rank ", r, ", above the LoRA kernels' limit of ",
+                    kLoraMaxRank);
+    }
+}
+
+std::vector<int32_t> GemmaForCausalLM::lora_plan(const std::vector<AdapterSegment>& segments, int64_t T) {
+  if (!lora_table_) lora_table_ = std::make_unique<LoraTable>(be_, cfg_.num_hidden_layers, kNumLoraTargets);
+  lora_table_->begin_step();
+  std::vector<int32_t> row_slot(static_cast<size_t>(T), -1);
+  const LoraAdapterShard* last = nullptr;
+  int32_t slot = -1;
+  for (const AdapterSegment& seg : segments) {
+    if (seg.row_end <= seg.row_begin) continue;
+    if (seg.adapter != last) {  // neighbours of one adapter are common: one table look-up for them
+      lora_entries(*seg.adapter, lora_scratch_);
+      // Checked when its entries are new to the table (once, not every step).
+      if (!lora_table_->holds(seg.adapter, lora_scratch_)) lora_check(*seg.adapter);
+      slot = lora_table_->slot(seg.adapter, lora_scratch_);
+      last = seg.adapter;
+    }
+    std::fill(row_slot.begin() + seg.row_begin, row_slot.begin() + seg.row_end, slot);
+  }
+  return lora_tiles(row_slot);
 }
 
 }  // namespace quilt

@@ -3,6 +3,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "model/gemma_config.h"
@@ -69,15 +70,22 @@ class GemmaForCausalLM {
 
   ForwardOutput forward(const ForwardInputs& in, KvCache& kv_cache);
 
+  // The KV cache in the model's KV dtype (set_kv_cache_dtype).
   KvCache allocate_kv_cache(int num_blocks, int block_size = 16);
-  // Bytes of one KV block (every layer's k and v) on this rank.
+  // Bytes of one KV block (every layer's k and v) on this rank, in the model's KV dtype.
   size_t kv_bytes_per_block(int block_size) const;
+  // Storage of the caches allocate_kv_cache makes from now on: unset (the default) = the backend's
+  // compute dtype; DType::fp8_e4m3 where the backend has it (cuda; the cpu backend refuses it when
+  // the cache is allocated). Serving sets it from cuda.kv_cache_dtype.
+  void set_kv_cache_dtype(std::optional<DType> dtype) { kv_dtype_ = dtype; }
+  DType kv_cache_dtype() const { return kv_dtype_.value_or(be_.compute_dtype()); }
 
-  // Decode steps (every sequence adds one token, no adapter, logits for every row) of at most
-  // max_batch rows replay a recorded graph (CUDA graphs) instead of launching each op: one per
-  // batch bucket (1, 2, 4, ... up to max_batch) and block-table width (a power of two). A bucket's
-  // first step runs eagerly and records its graph; its tensors stay allocated. 0 (the default)
-  // turns graphs off; a backend without graphs ignores this.
+  // Decode steps (every sequence adds one token, logits for every row) of at most max_batch rows
+  // replay a recorded graph (CUDA graphs) instead of launching each op: one per batch bucket (1, 2,
+  // 4, ... up to max_batch), block-table width (a power of two) and whether the step has adapters
+  // (its LoRA launches depend on the bucket only; the adapter mix is data, lora_plan.h). A
+  // bucket's first step runs eagerly and records its graph; its tensors stay allocated. 0 (the
+  // default) turns graphs off; a backend without graphs ignores this.
   void set_decode_graphs(int max_batch);
   // Whether the last forward() replayed a graph (tests and benchmarks).
   bool last_forward_replayed_graph() const { return last_replayed_; }
@@ -94,14 +102,26 @@ class GemmaForCausalLM {
     Tensor x, normed, qkv, attn, proj, gate_up, act;
     Tensor h, local, all;  // all: the gathered [P, M, Vr] (local itself when P == 1)
     const ForwardInputs* host = nullptr;  // eager steps: host cu_seqlen/seqlen for attention's plan
+    // The step's LoRA plan (lora_plan.h) when it has adapters (lora_max_tiles > 0): its tiles and
+    // partials; the table is lora_table_'s.
+    Tensor lora_tiles, lora_part;
+    int lora_max_tiles = 0, lora_max_rows = 0;
   };
   StepTensors allocate_step(int64_t T, int64_t S, int64_t M, int max_blocks);
   // Enqueues the whole step on the backend (no host work beyond launching, no allocation).
-  void run_ops(StepTensors& t, const std::vector<AdapterSegment>& segments, int max_blocks, KvCache& kv);
+  void run_ops(StepTensors& t, int max_blocks, KvCache& kv);
   // Downloads rows [0, M) of the gathered logits ([P, M_alloc, Vr]) as [M, vocab] on the host.
   ForwardOutput download_logits(const Tensor& all, int64_t M, int64_t M_alloc);
   // The graph path of forward(); false when the step does not qualify.
-  bool forward_graph(const ForwardInputs& in, KvCache& kv, ForwardOutput& out);
+  bool forward_graph(const ForwardInputs& in, const std::vector<AdapterSegment>& segments, KvCache& kv,
+                     ForwardOutput& out);
+  // Gives the step's adapters their table slots (uploading entries that changed) and returns the
+  // tiles' i32 words for T rows (lora_tiles: words[0] tiles).
+  std::vector<int32_t> lora_plan(const std::vector<AdapterSegment>& segments, int64_t T);
+  // The table entries of one adapter shard ([layer][module]); lora_check checks its shapes, dtype
+  // and ranks against this model (a clear error for an adapter that does not fit).
+  void lora_entries(const LoraAdapterShard& a, std::vector<LoraEntry>& out) const;
+  void lora_check(const LoraAdapterShard& a) const;
 
   // The first B rows of every tensor of `arena` (allocated for more rows), with its own tables.
   StepTensors rows_of(const StepTensors& arena, int64_t B, Tensor tables) const;
@@ -111,6 +131,7 @@ class GemmaForCausalLM {
     std::unique_ptr<BackendGraph> graph;
     uint64_t epoch = 0;
     const void* kv_key = nullptr;  // the cache the graph reads and writes
+    uint64_t lora_epoch = 0;       // lora_table_'s epoch when recorded (steps with adapters)
   };
 
   GemmaConfig cfg_;
@@ -119,8 +140,12 @@ class GemmaForCausalLM {
   TpLayout tp_;
   GemmaWeights w_;
   int graph_max_batch_ = 0;
+  std::optional<DType> kv_dtype_;  // unset: the compute dtype
   StepTensors graph_arena_;                             // graph_max_batch_ rows
-  std::map<std::pair<int, int>, DecodeGraph> graphs_;  // (batch bucket, block-table width)
+  std::map<std::tuple<int, int, bool>, DecodeGraph> graphs_;  // (batch bucket, block-table width, adapters)
+  std::unique_ptr<LoraTable> lora_table_;  // made by the first step with adapters
+  Tensor graph_lora_part_;                 // LoRA partials of the graphs (graph_max_batch_ tiles)
+  std::vector<LoraEntry> lora_scratch_;    // lora_entries' output, reused
   bool last_replayed_ = false;
 };
 

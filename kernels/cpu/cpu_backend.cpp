@@ -87,11 +87,24 @@ class CpuBackend final : public Backend {
                  int64_t col_offset) override {
     cpu::lora_sgmv(y, x, segments, col_offset);
   }
+  void lora_shrink(const LoraStep& step, int layer, const LoraGroup& group, const Tensor& x) override {
+    cpu::lora_shrink(step, layer, group, x);
+  }
+  void lora_expand(const LoraStep& step, int layer, const LoraGroup& group, Tensor& y) override {
+    cpu::lora_expand(step, layer, group, y);
+  }
+  void lora_expand_gelu(const LoraStep& step, int layer, const LoraGroup& group, const Tensor& gate_up,
+                        Tensor& out) override {
+    cpu::lora_expand_gelu(step, layer, group, gate_up, out);
+  }
   void sample(SampleResult& out, const Tensor& logits, const SampleBatch& batch) override {
     cpu::sample(out, logits, batch);
   }
-  Tensor kv_cache_tensor(int64_t num_blocks, int block_size, int num_kv_heads,
-                         int head_dim) override {
+  using Backend::kv_cache_tensor;
+  Tensor kv_cache_tensor(int64_t num_blocks, int block_size, int num_kv_heads, int head_dim,
+                         DType dtype) override {
+    QUILT_REQUIRE(dtype == DType::f32, "backend 'cpu': a KV cache in ", dtype_name(dtype),
+                  " is not supported (the cpu backend keeps it in f32; fp8_e4m3 needs the cuda backend)");
     return zeros({num_blocks * block_size, num_kv_heads, head_dim}, DType::f32);
   }
 };

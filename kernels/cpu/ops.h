@@ -18,6 +18,9 @@ void paged_attention(Tensor& out, const Tensor& qkv, const Tensor& k_cache, cons
 void gelu_tanh_mul(Tensor& out, const Tensor& gate_up);
 void gather_rows(Tensor& out, const Tensor& x, const Tensor& indices);
 void lora_sgmv(Tensor& y, const Tensor& x, const std::vector<LoraSegment>& segments, int64_t col_offset);
+void lora_shrink(const LoraStep& step, int layer, const LoraGroup& group, const Tensor& x);
+void lora_expand(const LoraStep& step, int layer, const LoraGroup& group, Tensor& y);
+void lora_expand_gelu(const LoraStep& step, int layer, const LoraGroup& group, const Tensor& gate_up, Tensor& out);
 void sample(SampleResult& out, const Tensor& logits, const SampleBatch& batch);
 
 }  // namespace quilt::cpu

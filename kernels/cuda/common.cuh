@@ -42,16 +42,24 @@ struct Context {
   size_t down_bytes = 0;
   // Kernels whose shared-memory opt-in (above 48 KB) is done, one bit each.
   unsigned smem_opt_in = 0;
-  // Kernel choices (benchmark switches): the grouped split-K attention kernel; the GEMV for x with
-  // at most gemv_max_rows (<= 8) rows, where it is timed against cuBLAS once per (M, N, K) and the
-  // faster kept (gemv_autotune), or always taken.
+  // Kernel choices (benchmark switches): the grouped split-K attention kernel; the GEMVs for x with
+  // at most gemv_max_rows (<= 8) rows (matmul.cu): gemv_kernel when >= 0, else the fastest of them
+  // and cuBLAS, timed once per (M, N, K) (gemv_autotune, kept in gemv_choice), else the default GEMV.
   bool grouped_attention = true;
   int gemv_max_rows = 8;
   bool gemv_autotune = true;
+  int gemv_kernel = -1;
   // paged_attention with host copies of the sequence offsets: sequences with at least this many
   // query rows take the tensor-core prefill kernel (prefill_attention.cu); <= 0: none do.
   int prefill_min_rows = 16;
-  std::map<std::tuple<int, int, int>, bool> gemv_faster;  // (M, N, K) -> the GEMV won
+  // Multi-LoRA (lora_shrink.cu, lora_expand.cu): with lora_overlap, a shrink runs on lora_stream
+  // beside the ops that follow it on `stream` (the base matmul), forked there at lora_fork; its
+  // expand joins it back at lora_join (lora_forked until then).
+  cudaStream_t lora_stream = nullptr;
+  cudaEvent_t lora_fork = nullptr, lora_join = nullptr;
+  bool lora_overlap = true;
+  bool lora_forked = false;
+  std::map<std::tuple<int, int, int>, int> gemv_choice;  // (M, N, K) -> GEMV kernel index, -1: cuBLAS
   ~Context();
 
   // At least `bytes` of device scratch, ordered on the stream (valid until the next call).
@@ -93,7 +101,8 @@ void dispatch(DType dt, const char* op, F&& f) {
     case DType::f32: f(float{}); return;
     case DType::bf16: f(__nv_bfloat16{}); return;
     case DType::f16: f(__half{}); return;
-    case DType::i32: break;
+    case DType::i32:
+    case DType::fp8_e4m3: break;
   }
   QUILT_FAIL("cuda backend: ", op, ": no kernel for dtype ", dtype_name(dt));
 }

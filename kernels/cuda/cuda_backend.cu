@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/kv_fp8.cuh"
 #include "kernels/cuda/ops.h"
 
 namespace quilt {
@@ -29,6 +30,10 @@ Context::~Context() {
   if (counters) cudaFree(counters);
   if (up_host) cudaFreeHost(up_host);
   if (down_host) cudaFreeHost(down_host);
+  if (lora_stream) cudaStreamSynchronize(lora_stream);
+  if (lora_fork) cudaEventDestroy(lora_fork);
+  if (lora_join) cudaEventDestroy(lora_join);
+  if (lora_stream) cudaStreamDestroy(lora_stream);
   if (stream) cudaStreamDestroy(stream);
 }
 
@@ -137,6 +142,9 @@ class CudaBackend final : public Backend {
     cuda::check(cudaMallocHost(&c.down_host, kDownloadStaging), "init: pinned download staging");
     c.down_bytes = kDownloadStaging;
     cuda::check(cudaStreamCreateWithFlags(&c.stream, cudaStreamNonBlocking), "init: stream");
+    cuda::check(cudaStreamCreateWithFlags(&c.lora_stream, cudaStreamNonBlocking), "init: LoRA stream");
+    cuda::check(cudaEventCreateWithFlags(&c.lora_fork, cudaEventDisableTiming), "init: LoRA events");
+    cuda::check(cudaEventCreateWithFlags(&c.lora_join, cudaEventDisableTiming), "init: LoRA events");
     // Keep freed blocks in the stream-ordered pool instead of returning them to the driver at
     // every synchronisation: steps then allocate without touching the driver.
     cudaMemPool_t pool;
@@ -290,14 +298,40 @@ class CudaBackend final : public Backend {
     cuda::lora_sgmv(*ctx_, y, x, problems,
                     [this](void* dst, const void* src, size_t n) { stage_upload(dst, src, n, "lora_sgmv"); });
   }
+  void lora_shrink(const LoraStep& step, int layer, const LoraGroup& group, const Tensor& x) override {
+    set_device();
+    cuda::lora_shrink(*ctx_, step, layer, group, x);
+  }
+  void lora_expand(const LoraStep& step, int layer, const LoraGroup& group, Tensor& y) override {
+    set_device();
+    cuda::lora_expand(*ctx_, step, layer, group, y);
+  }
+  void lora_expand_gelu(const LoraStep& step, int layer, const LoraGroup& group, const Tensor& gate_up,
+                        Tensor& out) override {
+    set_device();
+    cuda::lora_expand_gelu(*ctx_, step, layer, group, gate_up, out);
+  }
   void sample(SampleResult& out, const Tensor& logits, const SampleBatch& batch) override {
     set_device();
     cuda::sample(*ctx_, out, logits, batch);
   }
-  // Layout (backend-private): [num_blocks * block_size slots, num_kv_heads, head_dim], as the CPU.
-  Tensor kv_cache_tensor(int64_t num_blocks, int block_size, int num_kv_heads,
-                         int head_dim) override {
-    return zeros({num_blocks * block_size, num_kv_heads, head_dim}, ctx_->dtype);
+  // Layout (backend-private): [num_blocks * block_size slots, num_kv_heads, head_dim], as the CPU;
+  // fp8_e4m3 keeps its scales after the values in the same allocation (kv_fp8.cuh).
+  using Backend::kv_cache_tensor;
+  Tensor kv_cache_tensor(int64_t num_blocks, int block_size, int num_kv_heads, int head_dim,
+                         DType dtype) override {
+    QUILT_REQUIRE(dtype == ctx_->dtype || dtype == DType::fp8_e4m3, "backend 'cuda': a KV cache in ",
+                  dtype_name(dtype), " is not supported with compute dtype ", dtype_name(ctx_->dtype),
+                  " (the compute dtype or fp8_e4m3)");
+    const int64_t slots = num_blocks * block_size;
+    if (dtype != DType::fp8_e4m3) return zeros({slots, num_kv_heads, head_dim}, dtype);
+    // One zeroed allocation of values and scales; the tensor views its values.
+    const int64_t bytes = static_cast<int64_t>(cuda::kv_fp8_bytes(slots, num_kv_heads, head_dim));
+    return zeros({bytes}, DType::fp8_e4m3).slice_rows(0, slots * num_kv_heads * head_dim).view({slots, num_kv_heads, head_dim});
+  }
+  size_t kv_cache_bytes_per_slot(int num_kv_heads, int head_dim, DType dtype) const override {
+    // fp8: the e4m3 values and one fp32 scale per KV head.
+    return static_cast<size_t>(num_kv_heads) * (dtype == DType::fp8_e4m3 ? head_dim + 4 : head_dim * dtype_size(dtype));
   }
 
   void synchronize() {
@@ -408,12 +442,20 @@ std::string cuda_device_name(Backend& backend) {
   return prop.name;
 }
 
+Tensor cuda_kv_cache_scales(const Tensor& kv_cache) {
+  QUILT_REQUIRE(kv_cache.device() == Device::cuda && kv_cache.dtype() == DType::fp8_e4m3 && kv_cache.rank() == 3,
+                "cuda_kv_cache_scales: ", kv_cache.describe(), " is not an fp8 KV cache of the cuda backend");
+  return Tensor(nullptr, cuda::kv_fp8_scales(kv_cache), DType::f32, Device::cuda, {kv_cache.dim(1), kv_cache.dim(0)});
+}
+
 void cuda_set_kernel_options(Backend& backend, const CudaKernelOptions& o) {
   cuda::Context& c = as_cuda(backend).context();
   c.grouped_attention = o.grouped_attention;
   c.gemv_max_rows = o.gemv_max_rows;
   c.gemv_autotune = o.gemv_autotune;
+  c.gemv_kernel = o.gemv_kernel;
   c.prefill_min_rows = o.prefill_min_rows;
+  c.lora_overlap = o.lora_overlap;
 }
 
 }  // namespace quilt

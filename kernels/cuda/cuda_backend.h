@@ -24,12 +24,21 @@ void* cuda_native_stream(Backend& backend);
 int cuda_device_ordinal(Backend& backend);
 std::string cuda_device_name(Backend& backend);
 
+// The fp32 scales of an fp8_e4m3 KV cache tensor of this backend, [num_kv_heads, slots] (kv_fp8.cuh):
+// a view that does not own memory, valid while the cache lives (tests read it with to_host_f32).
+Tensor cuda_kv_cache_scales(const Tensor& kv_cache);
+
 // Kernel choices, for benchmarks that compare them (the defaults are the fast ones).
 struct CudaKernelOptions {
   bool grouped_attention = true;  // false: the stage-1 attention kernel (one block per q head)
   int gemv_max_rows = 8;          // matmuls with at most this many rows (<= 8) may use the GEMV (0: cuBLAS)
-  bool gemv_autotune = true;      // time GEMV against cuBLAS once per shape and keep the faster; false: GEMV
+  bool gemv_autotune = true;      // time the GEMVs and cuBLAS once per shape, keep the fastest; false: a GEMV
   int prefill_min_rows = 16;      // q_len from which paged_attention uses the prefill kernel (<= 0: never)
+  bool lora_overlap = true;       // lora_shrink on a second stream beside the base matmul (false: in line)
+  int gemv_kernel = -1;           // >= 0: always this GEMV kernel where a GEMV may run (cuda_gemv_kernel_name)
 };
 void cuda_set_kernel_options(Backend& backend, const CudaKernelOptions& options);
+// The GEMV kernels of matmul (M <= 8), by index, for CudaKernelOptions::gemv_kernel.
+int cuda_gemv_kernel_count();
+std::string cuda_gemv_kernel_name(int kernel);
 }  // namespace quilt

@@ -1,14 +1,17 @@
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/pdl.cuh"
 
 namespace quilt::cuda {
 namespace {
 
-// One block per token. VEC: rows are 16-byte aligned and H is a multiple of kVec<T>.
+// One block per token. VEC: rows are 16-byte aligned and H is a multiple of kVec<T>. Launched
+// the usual way (it follows the step's uploads); it lets the next kernel (rms_norm) launch early.
 template <typename T, bool VEC>
 __global__ void embedding_kernel(T* __restrict__ out,          // [T, H]
                                  const T* __restrict__ table,  // [V, H]
                                  const int32_t* __restrict__ ids,  // [T]
                                  int64_t V, int64_t H, int64_t vocab_start, float scale) {
+  pdl_launch_dependents();
   const int64_t t = blockIdx.x;
   const int64_t row = static_cast<int64_t>(ids[t]) - vocab_start;
   T* o = out + t * H;

@@ -1,4 +1,5 @@
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/pdl.cuh"
 
 namespace quilt::cuda {
 namespace {
@@ -10,11 +11,13 @@ __device__ __forceinline__ float gelu_mul(float g, float u) {
 }
 
 // Grid-stride over the T * I outputs; VEC: I is a multiple of kVec<T> and rows are aligned,
-// so a vector never straddles the gate/up halves.
+// so a vector never straddles the gate/up halves. Launched with PDL (pdl.cuh).
 template <typename T, bool VEC>
 __global__ void gelu_tanh_mul_kernel(T* __restrict__ out,            // [T, I]
                                      const T* __restrict__ gate_up,  // [T, 2 I]
                                      int64_t T_, int64_t I) {
+  pdl_launch_dependents();
+  pdl_wait();
   constexpr int N = VEC ? kVec<T> : 1;
   const int64_t total = T_ * I / N;
   for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < total;
@@ -49,10 +52,13 @@ void gelu_tanh_mul(Context& c, Tensor& out, const Tensor& gate_up) {
     const int64_t work = T * I / (vec ? kVec<T_> : 1);
     const int threads = 256;
     const int64_t blocks = std::min<int64_t>((work + threads - 1) / threads, 132 * 16);
+    const dim3 grid(static_cast<unsigned>(blocks));
     if (vec)
-      gelu_tanh_mul_kernel<T_, true><<<blocks, threads, 0, c.stream>>>(out.as<T_>(), gate_up.as<T_>(), T, I);
+      launch_pdl(c, "gelu_tanh_mul", gelu_tanh_mul_kernel<T_, true>, grid, dim3(threads), 0, out.as<T_>(),
+                 gate_up.as<T_>(), T, I);
     else
-      gelu_tanh_mul_kernel<T_, false><<<blocks, threads, 0, c.stream>>>(out.as<T_>(), gate_up.as<T_>(), T, I);
+      launch_pdl(c, "gelu_tanh_mul", gelu_tanh_mul_kernel<T_, false>, grid, dim3(threads), 0, out.as<T_>(),
+                 gate_up.as<T_>(), T, I);
   });
   check_launch("gelu_tanh_mul");
 }

@@ -27,6 +27,12 @@ void gather_rows(Context& c, Tensor& out, const Tensor& x, const Tensor& indices
 using StageUpload = std::function<void(void* device_dst, const void* host_src, size_t bytes)>;
 void lora_sgmv(Context& c, Tensor& y, const Tensor& x, const std::vector<LoraProblem>& problems,
                const StageUpload& upload);
+// Multi-LoRA of a step from its plan (backend.h, lora_plan.h): one launch each, sized by
+// step.max_tiles. The shrink forks onto c.lora_stream when c.lora_overlap; the expand joins it.
+void lora_shrink(Context& c, const LoraStep& step, int layer, const LoraGroup& group, const Tensor& x);
+void lora_expand(Context& c, const LoraStep& step, int layer, const LoraGroup& group, Tensor& y);
+void lora_expand_gelu(Context& c, const LoraStep& step, int layer, const LoraGroup& group, const Tensor& gate_up,
+                      Tensor& out);
 // Synchronises (the one exception): its result is read on the host.
 void sample(Context& c, SampleResult& out, const Tensor& logits, const SampleBatch& batch);
 

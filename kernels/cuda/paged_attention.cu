@@ -3,6 +3,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/cuda/kv_fp8.cuh"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/prefill_attention.h"
 
@@ -26,6 +27,8 @@ namespace {
 // With host copies of the offsets (AttentionParams::host_cu_seqlens), sequences of at least
 // Context::prefill_min_rows query rows go to the tensor-core prefill kernel (prefill_attention.cu)
 // instead, and these kernels take the other rows through a row list (GroupedParams::rows).
+// An fp8 cache (KV = uint8_t, kv_fp8.cuh) is read as e4m3 and dequantised on load: a key's scale
+// multiplies its score, a value's scale its softmax weight (l sums the unscaled weights).
 
 constexpr int kThreads = 128;  // rowhead_kernel: threads per block, and keys per tile
 constexpr int kMaxD = 256;     // Gemma's head_dim
@@ -41,20 +44,24 @@ __device__ __forceinline__ int sequence_of(const int32_t* cu, int S, int t) {
   return lo;
 }
 
-template <typename T, bool VEC>
+template <typename T, typename KV, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     rowhead_kernel(T* __restrict__ out,                  // [T, Hq * D]
                            const T* __restrict__ qkv,            // [T, (Hq + 2 Hkv) * D]
-                           const T* __restrict__ k_cache,        // [slots, Hkv, D]
-                           const T* __restrict__ v_cache,        // [slots, Hkv, D]
+                           const KV* __restrict__ k_cache,       // [slots, Hkv, D]
+                           const KV* __restrict__ v_cache,       // [slots, Hkv, D]
+                           const float* __restrict__ k_scales,   // [Hkv, slots]: fp8 caches only
+                           const float* __restrict__ v_scales,   // [Hkv, slots]: fp8 caches only
                            const int32_t* __restrict__ cu,       // [S + 1]
                            const int32_t* __restrict__ lens,     // [S]
                            const int32_t* __restrict__ tables,   // [S, max_blocks]
                            const int32_t* __restrict__ rows,     // [gridDim.x] rows to compute, or null: all
                            int S, int Hq, int Hkv, int D, int block_size, int max_blocks,
                            float scale, int64_t num_slots) {
+  constexpr bool FP8 = std::is_same_v<KV, uint8_t>;
   __shared__ float q_s[kMaxD];
   __shared__ float p_s[kThreads];
+  __shared__ float pv_s[FP8 ? kThreads : 1];  // fp8: p times the key's v scale
   __shared__ int64_t off_s[kThreads];
   __shared__ float red[32];
 
@@ -86,16 +93,31 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // q_s is written; p_s/off_s of the previous tile are consumed
     const int j = j0 + tid;
     float score = -INFINITY;
-    int64_t off = -1;
+    int64_t off = -1, scale_at = 0;
     if (j < n && j / block_size < max_blocks) {
       const int32_t b = table[j / block_size];
       const int64_t slot = static_cast<int64_t>(b) * block_size + j % block_size;
-      if (b >= 0 && slot < num_slots) off = (slot * Hkv + kvh) * D;
+      if (b >= 0 && slot < num_slots) {
+        off = (slot * Hkv + kvh) * D;
+        scale_at = static_cast<int64_t>(kvh) * num_slots + slot;
+      }
     }
     if (off >= 0) {
-      const T* k = k_cache + off;
+      const KV* k = k_cache + off;
       float dot = 0.f;
-      if constexpr (VEC) {
+      if constexpr (FP8) {
+        if constexpr (VEC) {  // D % 8 == 0: 8-byte loads
+          for (int d = 0; d < D; d += 8) {
+            float kf[8];
+            fp8x8_to_floats(*reinterpret_cast<const uint2*>(k + d), kf);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) dot += q_s[d + e] * kf[e];
+          }
+        } else {
+          for (int d = 0; d < D; ++d) dot += q_s[d] * fp8_to_float(k[d]);
+        }
+        dot *= k_scales[scale_at];
+      } else if constexpr (VEC) {
         constexpr int N = kVec<T>;
         for (int d = 0; d < D; d += N) {
           float kf[N];
@@ -114,6 +136,7 @@ __global__ void __launch_bounds__(kThreads)
     const float corr = m_new == -INFINITY ? 1.f : expf(m - m_new);
     const float p = off >= 0 ? expf(score - m_new) : 0.f;
     p_s[tid] = p;
+    if constexpr (FP8) pv_s[tid] = off >= 0 ? p * v_scales[scale_at] : 0.f;
     off_s[tid] = off < 0 ? 0 : off;
     const float tile_sum = block_sum(p, red);  // its barrier also publishes p_s and off_s
     l = l * corr + tile_sum;
@@ -124,7 +147,11 @@ __global__ void __launch_bounds__(kThreads)
       const int d = tid + k * kThreads;
       if (d < D) {
         float a = acc[k] * corr;
-        for (int jj = 0; jj < cnt; ++jj) a += p_s[jj] * to_f(v_cache[off_s[jj] + d]);
+        if constexpr (FP8) {
+          for (int jj = 0; jj < cnt; ++jj) a += pv_s[jj] * fp8_to_float(v_cache[off_s[jj] + d]);
+        } else {
+          for (int jj = 0; jj < cnt; ++jj) a += p_s[jj] * to_f(v_cache[off_s[jj] + d]);
+        }
         acc[k] = a;
       }
     }
@@ -158,6 +185,8 @@ struct GroupedParams {
   // The rows to compute, [R] (row ri = blockIdx.x is query row rows[ri]), or null: every row (ri = t).
   // Partials and counters are indexed by ri.
   const int32_t* rows;
+  const float* k_scales;  // [Hkv, num_slots]: fp8 caches only
+  const float* v_scales;
 };
 
 // Up to this many chunks the last block of a (row, KV head) to finish merges them itself (one
@@ -184,7 +213,20 @@ __device__ __forceinline__ void load8(const T* p, float (&f)[kElems]) {
     for (int e = 0; e < V; ++e) f[i + e] = g[e];
   }
 }
+// Eight e4m3 values (8-byte aligned), unscaled.
+__device__ __forceinline__ void load8(const uint8_t* p, float (&f)[kElems]) {
+  fp8x8_to_floats(*reinterpret_cast<const uint2*>(p), f);
+}
 
+// Cache slot of key j, or -1 when masked.
+__device__ __forceinline__ int64_t key_slot(const int32_t* table, int j, const GroupedParams& p) {
+  const int bi = j / p.block_size;
+  if (bi >= p.max_blocks) return -1;
+  const int32_t b = table[bi];
+  const int64_t slot = static_cast<int64_t>(b) * p.block_size + (j - bi * p.block_size);
+  if (b < 0 || slot >= p.num_slots) return -1;
+  return slot;
+}
 // Element offset of key j's row for KV head kvh, or -1 when masked.
 __device__ __forceinline__ int64_t key_offset(const int32_t* table, int j, const GroupedParams& p, int kvh) {
   const int bi = j / p.block_size;
@@ -205,20 +247,24 @@ __device__ __forceinline__ int64_t key_offset(const int32_t* table, int j, const
 // With one chunk the block writes out; otherwise each chunk writes its heads' normalised partial
 // o and their lse, and either the last block to finish (p.counters set: an atomic count per
 // (row, KV head), left zero again) or merge_kernel merges them.
-template <typename T, int STAGES>
+template <typename T, typename KV, int STAGES>
 __global__ void __launch_bounds__(kMaxGroupThreads)
     grouped_kernel(T* __restrict__ out,                 // [T, Hq * D]
                    float* __restrict__ part_o,          // [R, Hq, num_chunks, D], when num_chunks > 1
                    float* __restrict__ part_lse,        // [R, Hq, num_chunks]
                    const T* __restrict__ qkv,           // [T, (Hq + 2 Hkv) * D]
-                   const T* __restrict__ k_cache,       // [slots, Hkv, D]
-                   const T* __restrict__ v_cache,       // [slots, Hkv, D]
+                   const KV* __restrict__ k_cache,      // [slots, Hkv, D]
+                   const KV* __restrict__ v_cache,      // [slots, Hkv, D]
                    const int32_t* __restrict__ cu,      // [S + 1]
                    const int32_t* __restrict__ lens,    // [S]
                    const int32_t* __restrict__ tables,  // [S, max_blocks]
                    GroupedParams p) {
+  constexpr bool FP8 = std::is_same_v<KV, uint8_t>;
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ bool valid_s[STAGES][kTileKeys];
+  // fp8: the scales of each stage's keys, loaded by cp.async with the keys (0 where masked).
+  __shared__ __align__(16) float ksc_s[FP8 ? STAGES : 1][kTileKeys];
+  __shared__ __align__(16) float vsc_s[FP8 ? STAGES : 1][kTileKeys];
   __shared__ bool is_last;
   const int bdx = blockDim.x, G = blockDim.y, bdz = blockDim.z;
   const int tx = threadIdx.x, ty = threadIdx.y, tz = threadIdx.z;
@@ -247,9 +293,9 @@ __global__ void __launch_bounds__(kMaxGroupThreads)
       for (int i = 0; i < kElems; ++i) q[i] = to_f(qp[i]);
     }
 
-    T* ks = reinterpret_cast<T*>(smem);   // [STAGES][kTileKeys][D]
-    T* vs = ks + STAGES * kTileKeys * D;  // [STAGES][kTileKeys][D]
-    constexpr int kPerChunk = 16 / static_cast<int>(sizeof(T));
+    KV* ks = reinterpret_cast<KV*>(smem);  // [STAGES][kTileKeys][D]
+    KV* vs = ks + STAGES * kTileKeys * D;  // [STAGES][kTileKeys][D]
+    constexpr int kPerChunk = 16 / static_cast<int>(sizeof(KV));
     const int cpr = D / kPerChunk;                 // 16-byte pieces per key row
     const int row_threads = nthreads / kTileKeys;  // threads per key row of a tile
     const int load_row = tid / row_threads, load_col = tid - load_row * row_threads;
@@ -258,10 +304,21 @@ __global__ void __launch_bounds__(kMaxGroupThreads)
     // Every piece of the stage is written: masked keys and keys past `end` as zeros.
     auto load_tile = [&](int tile, int stage) {
       const int j = begin + tile * kTileKeys + load_row;
-      const int64_t off = j < end ? key_offset(table, j, p, kvh) : -1;
+      int64_t off;
+      if constexpr (FP8) {
+        const int64_t slot = j < end ? key_slot(table, j, p) : -1;
+        off = slot >= 0 ? (slot * p.Hkv + kvh) * D : -1;
+        if (load_col == 0) {
+          const int64_t at = static_cast<int64_t>(kvh) * p.num_slots + slot;
+          cp_async4(&ksc_s[stage][load_row], off >= 0 ? p.k_scales + at : p.k_scales, off >= 0);
+          cp_async4(&vsc_s[stage][load_row], off >= 0 ? p.v_scales + at : p.v_scales, off >= 0);
+        }
+      } else {
+        off = j < end ? key_offset(table, j, p, kvh) : -1;
+      }
       if (load_col == 0) valid_s[stage][load_row] = off >= 0;
-      T* kd = ks + (stage * kTileKeys + load_row) * D;
-      T* vd = vs + (stage * kTileKeys + load_row) * D;
+      KV* kd = ks + (stage * kTileKeys + load_row) * D;
+      KV* vd = vs + (stage * kTileKeys + load_row) * D;
       for (int col = load_col; col < cpr; col += row_threads) {
         cp_async16(kd + col * kPerChunk, off >= 0 ? k_cache + off + col * kPerChunk : k_cache, off >= 0);
         cp_async16(vd + col * kPerChunk, off >= 0 ? v_cache + off + col * kPerChunk : v_cache, off >= 0);
@@ -286,8 +343,8 @@ __global__ void __launch_bounds__(kMaxGroupThreads)
       cp_async_wait<STAGES - 1>();  // tile's group has landed (this thread's copies)
       __syncthreads();              // ... and every thread's, with its valid_s flags
       const int stage = tile % STAGES;
-      const T* kt = ks + stage * kTileKeys * D + tx * kElems;
-      const T* vt = vs + stage * kTileKeys * D + tx * kElems;
+      const KV* kt = ks + stage * kTileKeys * D + tx * kElems;
+      const KV* vt = vs + stage * kTileKeys * D + tx * kElems;
       // Scores of this thread's keys first (independent dots and shuffles overlap), then one
       // rescale of the running state per tile.
       float sc[kTileKeys];
@@ -302,6 +359,7 @@ __global__ void __launch_bounds__(kMaxGroupThreads)
 #pragma unroll
           for (int i = 0; i < kElems; ++i) dot = fmaf(q[i], kf[i], dot);
           for (int off = bdx / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+          if constexpr (FP8) dot *= ksc_s[stage][r];
           sc[k] = valid_s[stage][r] ? dot * p.scale : -INFINITY;
           tile_max = fmaxf(tile_max, sc[k]);
         }
@@ -319,8 +377,10 @@ __global__ void __launch_bounds__(kMaxGroupThreads)
             float vf[kElems];
             load8(vt + (tz + k * bdz) * D, vf);
             l += w;
+            float wv = w;
+            if constexpr (FP8) wv *= vsc_s[stage][tz + k * bdz];
 #pragma unroll
-            for (int i = 0; i < kElems; ++i) o[i] = fmaf(w, vf[i], o[i]);
+            for (int i = 0; i < kElems; ++i) o[i] = fmaf(wv, vf[i], o[i]);
           }
         }
         m = m_new;
@@ -330,7 +390,7 @@ __global__ void __launch_bounds__(kMaxGroupThreads)
     cp_async_wait<0>();
 
     if (bdz > 1) {
-      float* ms = reinterpret_cast<float*>(smem + static_cast<size_t>(2) * STAGES * kTileKeys * D * sizeof(T));
+      float* ms = reinterpret_cast<float*>(smem + static_cast<size_t>(2) * STAGES * kTileKeys * D * sizeof(KV));
       float* ls = ms + bdz * G;
       float* os = ls + bdz * G;  // [bdz][G][D]
       if (tx == 0) {
@@ -536,13 +596,16 @@ void paged_attention(Context& c, Tensor& out, const Tensor& qkv, const Tensor& k
   QUILT_ASSERT(block_tables.numel() == S * p.max_blocks_per_seq && p.block_size > 0);
   expect(out, c.dtype, "paged_attention", "out");
   expect(qkv, c.dtype, "paged_attention", "qkv");
-  expect(k_cache, c.dtype, "paged_attention", "k_cache");
-  expect(v_cache, c.dtype, "paged_attention", "v_cache");
+  const bool fp8 = k_cache.dtype() == DType::fp8_e4m3;  // kv_fp8.cuh; else the compute dtype
+  expect(k_cache, fp8 ? DType::fp8_e4m3 : c.dtype, "paged_attention", "k_cache");
+  expect(v_cache, k_cache.dtype(), "paged_attention", "v_cache");
   expect(cu_seqlens, DType::i32, "paged_attention", "cu_seqlens");
   expect(seqlens, DType::i32, "paged_attention", "seqlens");
   expect(block_tables, DType::i32, "paged_attention", "block_tables");
   const int64_t num_slots = k_cache.dim(0);
   QUILT_ASSERT(k_cache.numel() == num_slots * Hkv * D && v_cache.numel() == k_cache.numel());
+  const float* k_scales = fp8 ? kv_fp8_scales(k_cache) : nullptr;
+  const float* v_scales = fp8 ? kv_fp8_scales(v_cache) : nullptr;
   if (T == 0 || S == 0) return;
 
   // Prefill on tensor cores (prefill_attention.cu) when the caller gave host copies of cu_seqlens
@@ -597,7 +660,8 @@ void paged_attention(Context& c, Tensor& out, const Tensor& qkv, const Tensor& k
   if (bdx * G * bdz > kMaxGroupThreads && bdz > 1) bdz /= 2;
   const bool grouped = D % kElems == 0 && bdx >= 8 && bdx <= 32 && (bdx & (bdx - 1)) == 0 &&
                        bdx * G * bdz <= kMaxGroupThreads && (bdx * G * bdz) % 32 == 0 && Hkv <= 65535 &&
-                       aligned16(k_cache.data()) && aligned16(v_cache.data()) && c.grouped_attention;
+                       aligned16(k_cache.data()) && aligned16(v_cache.data()) && c.grouped_attention &&
+                       (!fp8 || D % 16 == 0);  // fp8 rows in 16-byte pieces
 
   // Split the context only when rows x KV heads leave SMs idle: aim at two blocks per SM, in
   // chunks of whole tiles. The longest context the tables can hold bounds every row's.
@@ -628,15 +692,22 @@ void paged_attention(Context& c, Tensor& out, const Tensor& qkv, const Tensor& k
   if (!grouped) {
     dispatch(c.dtype, "paged_attention", [&](auto tag) {
       using T_ = decltype(tag);
-      const bool vec = D % kVec<T_> == 0 && aligned16(k_cache.data());
-      const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>(Hq));
-      auto kernel = vec ? rowhead_kernel<T_, true> : rowhead_kernel<T_, false>;
-      kernel<<<grid, kThreads, 0, c.stream>>>(out.as<T_>(), qkv.as<T_>(), k_cache.as<T_>(), v_cache.as<T_>(),
-                                              cu_seqlens.as<int32_t>(), seqlens.as<int32_t>(),
-                                              block_tables.as<int32_t>(), rows, static_cast<int>(S),
-                                              static_cast<int>(Hq), static_cast<int>(Hkv),
-                                              static_cast<int>(D), p.block_size, p.max_blocks_per_seq,
-                                              p.scale, num_slots);
+      // KV_: the cache's storage type, T_ or e4m3 bytes (vector loads: 16 bytes of T_, 8 of e4m3).
+      auto launch = [&](auto kv_tag) {
+        using KV_ = decltype(kv_tag);
+        constexpr int kVecKv = std::is_same_v<KV_, uint8_t> ? 8 : kVec<T_>;
+        const bool vec = D % kVecKv == 0 && aligned16(k_cache.data());
+        const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>(Hq));
+        auto kernel = vec ? rowhead_kernel<T_, KV_, true> : rowhead_kernel<T_, KV_, false>;
+        kernel<<<grid, kThreads, 0, c.stream>>>(out.as<T_>(), qkv.as<T_>(), k_cache.as<KV_>(), v_cache.as<KV_>(),
+                                                k_scales, v_scales, cu_seqlens.as<int32_t>(), seqlens.as<int32_t>(),
+                                                block_tables.as<int32_t>(), rows, static_cast<int>(S),
+                                                static_cast<int>(Hq), static_cast<int>(Hkv),
+                                                static_cast<int>(D), p.block_size, p.max_blocks_per_seq,
+                                                p.scale, num_slots);
+      };
+      if (fp8) launch(uint8_t{});
+      else launch(T_{});
     });
     check_launch("paged_attention");
     return;
@@ -651,28 +722,37 @@ void paged_attention(Context& c, Tensor& out, const Tensor& qkv, const Tensor& k
   }
   const GroupedParams gp{static_cast<int>(S), static_cast<int>(Hq), static_cast<int>(Hkv), static_cast<int>(D),
                          p.block_size, p.max_blocks_per_seq, static_cast<int>(chunk_tokens),
-                         static_cast<int>(chunks), p.scale, num_slots, fused ? c.counters : nullptr, rows};
+                         static_cast<int>(chunks), p.scale, num_slots, fused ? c.counters : nullptr, rows,
+                         k_scales, v_scales};
   dispatch(c.dtype, "paged_attention", [&](auto tag) {
     using T_ = decltype(tag);
-    const int stages = stages_for<T_>(static_cast<int>(D));
-    // K/V stages, then the bdz states; a fused merge reuses the front for its [G][chunks] weights.
-    const size_t smem = std::max(static_cast<size_t>(2) * stages * kTileKeys * D * sizeof(T_) +
-                                     (bdz > 1 ? static_cast<size_t>(bdz * G * (2 + D)) * sizeof(float) : 0),
-                                 static_cast<size_t>(G * chunks) * sizeof(float));
-    auto kernel = stages == 4 ? grouped_kernel<T_, 4> : grouped_kernel<T_, 2>;
-    // Above 48 KB a kernel must opt in; once per kernel and device (the context is per device).
-    const int type_index = std::is_same_v<T_, float> ? 0 : std::is_same_v<T_, __half> ? 1 : 2;
-    const unsigned bit = 1u << (2 * type_index + (stages == 4 ? 1 : 0));
-    if (!(c.smem_opt_in & bit)) {
-      check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 << 10),
-            "paged_attention: shared memory opt-in");
-      c.smem_opt_in |= bit;
-    }
-    const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>(Hkv), static_cast<unsigned>(chunks));
-    const dim3 block(static_cast<unsigned>(bdx), static_cast<unsigned>(G), static_cast<unsigned>(bdz));
-    kernel<<<grid, block, smem, c.stream>>>(out.as<T_>(), part_o, part_lse, qkv.as<T_>(), k_cache.as<T_>(),
-                                            v_cache.as<T_>(), cu_seqlens.as<int32_t>(), seqlens.as<int32_t>(),
-                                            block_tables.as<int32_t>(), gp);
+    // KV_: the cache's storage type, T_ or e4m3 bytes.
+    auto launch = [&](auto kv_tag) {
+      using KV_ = decltype(kv_tag);
+      constexpr bool kFp8 = std::is_same_v<KV_, uint8_t>;
+      const int stages = stages_for<KV_>(static_cast<int>(D));
+      // K/V stages, then the bdz states; a fused merge reuses the front for its [G][chunks] weights.
+      const size_t smem = std::max(static_cast<size_t>(2) * stages * kTileKeys * D * sizeof(KV_) +
+                                       (bdz > 1 ? static_cast<size_t>(bdz * G * (2 + D)) * sizeof(float) : 0),
+                                   static_cast<size_t>(G * chunks) * sizeof(float));
+      auto kernel = stages == 4 ? grouped_kernel<T_, KV_, 4> : grouped_kernel<T_, KV_, 2>;
+      // Above 48 KB a kernel must opt in; once per kernel and device (the context is per device).
+      // Bits 0..5 for T_ caches, 20..25 for fp8 (prefill_attention.cu uses 8..19).
+      const int type_index = std::is_same_v<T_, float> ? 0 : std::is_same_v<T_, __half> ? 1 : 2;
+      const unsigned bit = 1u << ((kFp8 ? 20 : 0) + 2 * type_index + (stages == 4 ? 1 : 0));
+      if (!(c.smem_opt_in & bit)) {
+        check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 << 10),
+              "paged_attention: shared memory opt-in");
+        c.smem_opt_in |= bit;
+      }
+      const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>(Hkv), static_cast<unsigned>(chunks));
+      const dim3 block(static_cast<unsigned>(bdx), static_cast<unsigned>(G), static_cast<unsigned>(bdz));
+      kernel<<<grid, block, smem, c.stream>>>(out.as<T_>(), part_o, part_lse, qkv.as<T_>(), k_cache.as<KV_>(),
+                                              v_cache.as<KV_>(), cu_seqlens.as<int32_t>(), seqlens.as<int32_t>(),
+                                              block_tables.as<int32_t>(), gp);
+    };
+    if (fp8) launch(uint8_t{});
+    else launch(T_{});
     check_launch("paged_attention");
     if (chunks > 1 && !fused) {
       const dim3 mgrid(static_cast<unsigned>(R), static_cast<unsigned>(Hq));

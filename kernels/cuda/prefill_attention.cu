@@ -2,6 +2,8 @@
 
 #include <type_traits>
 
+#include "kernels/cuda/kv_fp8.cuh"
+
 namespace quilt::cuda {
 namespace {
 
@@ -25,6 +27,12 @@ namespace {
 // (the op's causal rule); a key whose block-table entry is outside the cache (or negative) is
 // loaded as zeros and masked, as in the decode kernels. A tile whose keys are all visible to
 // every row and all in the cache skips the mask (the __syncthreads_and at the top of each step).
+//
+// An fp8 cache (KV = uint8_t, kv_fp8.cuh): cp.async double-buffers the e4m3 rows (and their scales)
+// in a staging area instead, and at the top of each step the block converts the step's tile to T
+// with its scales (e4m3 x scale rounded once to T) into single K and V tiles, laid out as above
+// for ldmatrix. Shared memory stays the same: Q [64][D] T, K and V [kBc][D] T, staging
+// [2][kBc][D] bytes for each of K and V.
 
 constexpr int kRows = kPrefillTileRows;
 constexpr int kWarps = 4;
@@ -39,14 +47,23 @@ struct Cfg {
   static constexpr int kKvPasses = kBc / kRowsPerPass;
   static constexpr int kQPasses = kRows / kRowsPerPass;
   static constexpr size_t kSmem = static_cast<size_t>(kRows + 4 * kBc) * D * 2;
+  // fp8 caches: 16-byte chunks of e4m3 rows in the staging area (D / 16 a row).
+  static constexpr int kF8Chunks = D / 16;
+  static constexpr int kF8RowsPerPass = kThreads / kF8Chunks;
+  static constexpr int kF8Passes = kBc / kF8RowsPerPass;
   static_assert(D == 64 || D == 128 || D == 256, "head_dim 64, 128 or 256");
   static_assert(kThreads % kChunks == 0 && kBc % kRowsPerPass == 0 && kRows % kRowsPerPass == 0, "load passes");
+  static_assert(kThreads % kF8Chunks == 0 && kBc % kF8RowsPerPass == 0, "fp8 load passes");
+  // Q + 2 K/V stages of T = Q + single K/V tiles of T + 2 K/V stages of e4m3.
+  static_assert(kSmem == static_cast<size_t>(kRows * D * 2 + 2 * kBc * D * 2 + 4 * kBc * D), "fp8 layout");
 };
 
 struct PrefillParams {
   int Hq, Hkv, block_size, max_blocks;
   float scale_log2;  // softmax scale * log2(e)
   int64_t num_slots;
+  const float* k_scales;  // [Hkv, num_slots]: fp8 caches only
+  const float* v_scales;
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -108,12 +125,12 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 __global__ void __launch_bounds__(kThreads, 2)
     prefill_kernel(T* __restrict__ out,                 // [T, Hq * D]
                    const T* __restrict__ qkv,           // [T, (Hq + 2 Hkv) * D]
-                   const T* __restrict__ k_cache,       // [slots, Hkv, D]
-                   const T* __restrict__ v_cache,       // [slots, Hkv, D]
+                   const KV* __restrict__ k_cache,      // [slots, Hkv, D]
+                   const KV* __restrict__ v_cache,      // [slots, Hkv, D]
                    const int32_t* __restrict__ cu,      // [S + 1]
                    const int32_t* __restrict__ lens,    // [S]
                    const int32_t* __restrict__ tables,  // [S, max_blocks]
@@ -121,8 +138,12 @@ __global__ void __launch_bounds__(kThreads, 2)
                    PrefillParams p) {
   using C = Cfg<D>;
   constexpr int kBc = C::kBc, kChunks = C::kChunks;
+  constexpr bool FP8 = std::is_same_v<KV, uint8_t>;
+  constexpr int kKvStages = FP8 ? 1 : 2;  // T tiles of K and V (fp8: converted from the staging)
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ unsigned char valid_s[2][kBc];
+  __shared__ __align__(16) float ksc_s[FP8 ? 2 : 1][kBc];  // fp8: the staged keys' scales
+  __shared__ __align__(16) float vsc_s[FP8 ? 2 : 1][kBc];
 
   const int h = blockIdx.x, tile = blockIdx.y;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -138,7 +159,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   const uint32_t q_base = smem_addr(smem);
   const uint32_t k_base = q_base + kRows * D * 2;
-  const uint32_t v_base = k_base + 2 * kBc * D * 2;
+  const uint32_t v_base = k_base + kKvStages * kBc * D * 2;
+  // fp8 staging: K stages [2][kBc][D] bytes, then V stages, unswizzled.
+  constexpr int kF8Offset = kRows * D * 2 + 2 * kKvStages * kBc * D * 2;
   const int ld_row = tid / kChunks, ld_ch = tid % kChunks;  // this thread's chunk of each load pass
 
   // Q rows of the tile; rows past q_len are zeros (finite scores, never stored).
@@ -153,7 +176,40 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   // K/V tile `kt` into stage `st`; returns whether every key this thread loaded is in the cache
   // and below n_keys (the block's AND of it says whether the tile needs the cache mask).
+  auto load_kv_fp8 = [&](int kt, int st) {
+    bool all = true;
+    const int row8 = tid / C::kF8Chunks, ch8 = tid % C::kF8Chunks;
+#pragma unroll
+    for (int k = 0; k < C::kF8Passes; ++k) {
+      const int r = row8 + k * C::kF8RowsPerPass;
+      const int j = kt * kBc + r;
+      int64_t slot = -1;
+      if (j < n_keys) {
+        const int bi = j / p.block_size;
+        if (bi < p.max_blocks) {
+          const int32_t b = table[bi];
+          const int64_t sl = static_cast<int64_t>(b) * p.block_size + (j - bi * p.block_size);
+          if (b >= 0 && sl < p.num_slots) slot = sl;
+        }
+      }
+      const bool ok = slot >= 0;
+      all = all && ok;
+      if (ch8 == 0) {
+        valid_s[st][r] = ok;
+        const int64_t at = static_cast<int64_t>(kvh) * p.num_slots + slot;
+        cp_async4(&ksc_s[FP8 ? st : 0][r], ok ? p.k_scales + at : p.k_scales, ok);
+        cp_async4(&vsc_s[FP8 ? st : 0][r], ok ? p.v_scales + at : p.v_scales, ok);
+      }
+      const int64_t off = ok ? (slot * p.Hkv + kvh) * D + ch8 * 16 : 0;
+      const uint32_t at = q_base + static_cast<uint32_t>(kF8Offset + (st * kBc + r) * D + ch8 * 16);
+      cp_async16(at, k_cache + off, ok);
+      cp_async16(at + 2 * kBc * D, v_cache + off, ok);
+    }
+    return all;
+  };
   auto load_kv = [&](int kt, int st) {
+    if constexpr (FP8) return load_kv_fp8(kt, st);
+    else {
     bool all = true;
 #pragma unroll
     for (int k = 0; k < C::kKvPasses; ++k) {
@@ -176,6 +232,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       cp_async16(v_base + at, ok ? v_cache + off : v_cache, ok);
     }
     return all;
+    }
   };
 
   const int num_kt = (n_keys + kBc - 1) / kBc;
@@ -208,8 +265,31 @@ __global__ void __launch_bounds__(kThreads, 2)
     cp_async_wait<1>();  // this thread's copies of tile kt (and Q) have landed
     const bool tile_valid = __syncthreads_and(cur_valid) != 0;  // ... and every thread's
     cur_valid = next_valid;
-    const uint32_t ks = k_base + static_cast<uint32_t>(st * kBc * D * 2);
-    const uint32_t vs = v_base + static_cast<uint32_t>(st * kBc * D * 2);
+    if constexpr (FP8) {
+      // Staged e4m3 tile kt -> T tiles: thread chunk (row, 8 values) as in the T loads, times the
+      // row's scale (0 for masked keys, whose bytes are zeros). The tiles were last read before the
+      // previous step's closing barrier.
+#pragma unroll
+      for (int k = 0; k < C::kKvPasses; ++k) {
+        const int r = ld_row + k * C::kRowsPerPass;
+        const unsigned char* src = smem + kF8Offset + (st * kBc + r) * D + ld_ch * 8;
+        const uint32_t at = swz<D>(r, ld_ch);
+        float f[8];
+        fp8x8_to_floats(*reinterpret_cast<const uint2*>(src), f);
+        const float ksc = ksc_s[st][r];
+        *reinterpret_cast<uint4*>(smem + (k_base - q_base) + at) =
+            make_uint4(pack2<T>(f[0] * ksc, f[1] * ksc), pack2<T>(f[2] * ksc, f[3] * ksc),
+                       pack2<T>(f[4] * ksc, f[5] * ksc), pack2<T>(f[6] * ksc, f[7] * ksc));
+        fp8x8_to_floats(*reinterpret_cast<const uint2*>(src + 2 * kBc * D), f);
+        const float vsc = vsc_s[st][r];
+        *reinterpret_cast<uint4*>(smem + (v_base - q_base) + at) =
+            make_uint4(pack2<T>(f[0] * vsc, f[1] * vsc), pack2<T>(f[2] * vsc, f[3] * vsc),
+                       pack2<T>(f[4] * vsc, f[5] * vsc), pack2<T>(f[6] * vsc, f[7] * vsc));
+      }
+      __syncthreads();
+    }
+    const uint32_t ks = k_base + static_cast<uint32_t>((FP8 ? 0 : st) * kBc * D * 2);
+    const uint32_t vs = v_base + static_cast<uint32_t>((FP8 ? 0 : st) * kBc * D * 2);
 
     // S = Q K^T for this warp's 16 rows and the tile's kBc keys.
     float sc[kBc / 8][4];
@@ -319,35 +399,36 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 void launch(Context& c, Tensor& out, const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
             const Tensor& cu_seqlens, const Tensor& seqlens, const Tensor& block_tables, const int32_t* tiles,
             int64_t num_tiles, const PrefillParams& pp) {
   constexpr size_t smem = Cfg<D>::kSmem;
-  auto kernel = prefill_kernel<T, D>;
-  // Above 48 KB a kernel must opt in; once per kernel and device. Bits 8..13 of smem_opt_in
-  // (paged_attention.cu's grouped kernel uses the low ones).
-  const unsigned bit = 1u << (8 + (std::is_same_v<T, __half> ? 0 : 3) + (D == 64 ? 0 : D == 128 ? 1 : 2));
+  auto kernel = prefill_kernel<T, KV, D>;
+  // Above 48 KB a kernel must opt in; once per kernel and device. Bits 8..13 of smem_opt_in, 14..19
+  // with an fp8 cache (paged_attention.cu's grouped kernel uses 0..5 and 20..25).
+  const unsigned bit = 1u << (8 + (std::is_same_v<KV, uint8_t> ? 6 : 0) + (std::is_same_v<T, __half> ? 0 : 3) +
+                              (D == 64 ? 0 : D == 128 ? 1 : 2));
   if (!(c.smem_opt_in & bit)) {
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
           "paged_attention: prefill shared memory opt-in");
     c.smem_opt_in |= bit;
   }
   const dim3 grid(static_cast<unsigned>(pp.Hq), static_cast<unsigned>(num_tiles));
-  kernel<<<grid, kThreads, smem, c.stream>>>(out.as<T>(), qkv.as<T>(), k_cache.as<T>(), v_cache.as<T>(),
+  kernel<<<grid, kThreads, smem, c.stream>>>(out.as<T>(), qkv.as<T>(), k_cache.as<KV>(), v_cache.as<KV>(),
                                              cu_seqlens.as<int32_t>(), seqlens.as<int32_t>(),
                                              block_tables.as<int32_t>(), tiles, pp);
   check_launch("paged_attention prefill");
 }
 
-template <typename T>
+template <typename T, typename KV>
 void launch_d(Context& c, int D, Tensor& out, const Tensor& qkv, const Tensor& k_cache, const Tensor& v_cache,
               const Tensor& cu_seqlens, const Tensor& seqlens, const Tensor& block_tables, const int32_t* tiles,
               int64_t num_tiles, const PrefillParams& pp) {
   switch (D) {
-    case 64: return launch<T, 64>(c, out, qkv, k_cache, v_cache, cu_seqlens, seqlens, block_tables, tiles, num_tiles, pp);
-    case 128: return launch<T, 128>(c, out, qkv, k_cache, v_cache, cu_seqlens, seqlens, block_tables, tiles, num_tiles, pp);
-    case 256: return launch<T, 256>(c, out, qkv, k_cache, v_cache, cu_seqlens, seqlens, block_tables, tiles, num_tiles, pp);
+    case 64: return launch<T, KV, 64>(c, out, qkv, k_cache, v_cache, cu_seqlens, seqlens, block_tables, tiles, num_tiles, pp);
+    case 128: return launch<T, KV, 128>(c, out, qkv, k_cache, v_cache, cu_seqlens, seqlens, block_tables, tiles, num_tiles, pp);
+    case 256: return launch<T, KV, 256>(c, out, qkv, k_cache, v_cache, cu_seqlens, seqlens, block_tables, tiles, num_tiles, pp);
   }
   QUILT_ASSERT(false, "paged_attention prefill: head_dim ", D);
 }
@@ -357,6 +438,7 @@ void launch_d(Context& c, int D, Tensor& out, const Tensor& qkv, const Tensor& k
 bool prefill_attention_supported(const Context& c, const Tensor& out, const Tensor& qkv, const Tensor& k_cache,
                                  const Tensor& v_cache, const AttentionParams& p) {
   return (c.dtype == DType::bf16 || c.dtype == DType::f16) &&
+         (k_cache.dtype() == c.dtype || k_cache.dtype() == DType::fp8_e4m3) && v_cache.dtype() == k_cache.dtype() &&
          (p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256) && p.num_q_heads <= 65535 &&
          aligned16(out.data()) && aligned16(qkv.data()) && aligned16(k_cache.data()) && aligned16(v_cache.data());
 }
@@ -368,14 +450,24 @@ void prefill_attention(Context& c, Tensor& out, const Tensor& qkv, const Tensor&
                    num_tiles <= 65535,
                "paged_attention prefill: ", num_tiles, " tiles of ", p.num_q_heads, " heads of ", p.head_dim);
   constexpr float kLog2e = 1.4426950408889634f;
+  const bool fp8 = k_cache.dtype() == DType::fp8_e4m3;
   const PrefillParams pp{p.num_q_heads, p.num_kv_heads, p.block_size, p.max_blocks_per_seq, p.scale * kLog2e,
-                         k_cache.dim(0)};
-  if (c.dtype == DType::bf16)
-    launch_d<__nv_bfloat16>(c, p.head_dim, out, qkv, k_cache, v_cache, cu_seqlens, seqlens, block_tables, tiles,
-                            num_tiles, pp);
-  else
-    launch_d<__half>(c, p.head_dim, out, qkv, k_cache, v_cache, cu_seqlens, seqlens, block_tables, tiles,
-                     num_tiles, pp);
+                         k_cache.dim(0), fp8 ? kv_fp8_scales(k_cache) : nullptr, fp8 ? kv_fp8_scales(v_cache) : nullptr};
+  if (c.dtype == DType::bf16) {
+    if (fp8)
+      launch_d<__nv_bfloat16, uint8_t>(c, p.head_dim, out, qkv, k_cache, v_cache, cu_seqlens, seqlens, block_tables,
+                                       tiles, num_tiles, pp);
+    else
+      launch_d<__nv_bfloat16, __nv_bfloat16>(c, p.head_dim, out, qkv, k_cache, v_cache, cu_seqlens, seqlens,
+                                             block_tables, tiles, num_tiles, pp);
+  } else {
+    if (fp8)
+      launch_d<__half, uint8_t>(c, p.head_dim, out, qkv, k_cache, v_cache, cu_seqlens, seqlens, block_tables, tiles,
+                                num_tiles, pp);
+    else
+      launch_d<__half, __half>(c, p.head_dim, out, qkv, k_cache, v_cache, cu_seqlens, seqlens, block_tables, tiles,
+                               num_tiles, pp);
+  }
 }
 
 }  // namespace quilt::cuda

@@ -10,8 +10,8 @@ namespace quilt::cuda {
 // every tile runs once per q head.
 constexpr int kPrefillTileRows = 64;
 
-// Whether the prefill kernel takes this shape: bf16 or f16, head_dim 64, 128 or 256, 16-byte
-// aligned tensors.
+// Whether the prefill kernel takes this shape: bf16 or f16, a cache in that dtype or fp8_e4m3,
+// head_dim 64, 128 or 256, 16-byte aligned tensors.
 bool prefill_attention_supported(const Context& c, const Tensor& out, const Tensor& qkv, const Tensor& k_cache,
                                  const Tensor& v_cache, const AttentionParams& p);
 

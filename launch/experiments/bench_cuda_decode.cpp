@@ -13,14 +13,18 @@
 //  - decode step: bound = (this rank's weight bytes + KV bytes read per step) / bandwidth, at the
 //    spec bandwidth (--hbm-tbs, H100 SXM 3.35 TB/s) and at the device-to-device copy bandwidth
 //    measured here (bytes read + written);
-//  - per op (TP 1, --ops): each op of layer 0 run 50 times back to back; bound = its weight or
-//    KV bytes / copy bandwidth. Rows marked "(alt)" time the kernel the backend no longer picks
-//    (stage-1 attention, cuBLAS for small M), for comparison;
+//  - per op (TP 1, --ops): each op of layer 0 run 50 times back to back ("warm": host wall / 50;
+//    "graph": 20 launches recorded in a CUDA graph, replayed, GPU time / launch, with PDL between
+//    them); for ops that read weights or KV, also "cold": one launch after a 256 MB memset that
+//    flushes the L2 (as ncu does), GPU time from events, median of 10, as TB/s and % of --hbm-tbs;
+//    bound = its weight or KV bytes / copy bandwidth. Rows marked "(alt)" time kernels the backend
+//    may not pick (stage-1 attention, each GEMV kernel forced, cuBLAS), for comparison;
 //  - all-reduce (TP > 1): a decode-sized all-reduce (B x hidden bf16) on the compute stream, 200
 //    back to back, against the goal of 8 us.
 //
 //   bench_cuda_decode --preset gemma-2b --batch 1 --context 512 --ops
 //   mpirun -np 2 bench_cuda_decode --preset gemma-7b --batch 1 --context 512 --tp 2
+#include <cuda_runtime.h>
 #include <mpi.h>
 
 #include <algorithm>
@@ -301,18 +305,24 @@ int main(int argc, char** argv) {
       cuda_fill_normal(*be, qkv, 78, 1.0f);
       cuda_fill_normal(*be, act, 79, 1.0f);
       const Layer& L = layers[0];
-      CudaKernelOptions old_attention = fast, cublas = fast, gemv = fast;
+      CudaKernelOptions old_attention = fast, cublas = fast;
       old_attention.grouped_attention = false;
       cublas.gemv_max_rows = 0;
-      gemv.gemv_autotune = false;
       struct Op { std::string name; int per_step; double bytes; CudaKernelOptions opt; bool alt; std::function<void()> run; };
       const double e = dtype_size(dt);
       const double kv_op = double(B) * C * Hkv * D * 2 * e;
+      const bool gemv_rows = B <= std::min(8, fast.gemv_max_rows);
       auto mm = [&](const char* name, Tensor& y, const Tensor& xx, const Tensor& w, int per_step) {
-        return std::vector<Op>{
-            {std::string("matmul ") + name, per_step, double(w.bytes()), fast, false, [&, &y = y, &xx = xx, &w = w] { be->matmul(y, xx, w, false); }},
-            {std::string("matmul ") + name + " GEMV", per_step, double(w.bytes()), gemv, true, [&, &y = y, &xx = xx, &w = w] { be->matmul(y, xx, w, false); }},
-            {std::string("matmul ") + name + " cuBLAS", per_step, double(w.bytes()), cublas, true, [&, &y = y, &xx = xx, &w = w] { be->matmul(y, xx, w, false); }}};
+        const std::function<void()> run = [&, &y = y, &xx = xx, &w = w] { be->matmul(y, xx, w, false); };
+        std::vector<Op> v{{std::string("matmul ") + name, per_step, double(w.bytes()), fast, false, run}};
+        for (int k = 0; gemv_rows && k < cuda_gemv_kernel_count(); ++k) {
+          CudaKernelOptions forced = fast;
+          forced.gemv_kernel = k;
+          v.push_back({std::string("matmul ") + name + " " + cuda_gemv_kernel_name(k), per_step, double(w.bytes()),
+                       forced, true, run});
+        }
+        v.push_back({std::string("matmul ") + name + " cuBLAS", per_step, double(w.bytes()), cublas, true, run});
+        return v;
       };
       std::vector<Op> ops = {
           {"rms_norm/add_rms_norm", 2 * s.layers, 0, fast, false, [&] { be->add_rms_norm(x, normed, proj, L.post_norm, eps); }},
@@ -326,10 +336,54 @@ int main(int argc, char** argv) {
                        mm("gate_up", gate_up, normed, L.gate_up, s.layers), mm("down", proj, act, L.down, s.layers),
                        mm("lm_head", out, normed, embed, 1)})
         ops.insert(ops.end(), v.begin(), v.end());
-      double total = 0;
+
+      // GPU timing on the backend's stream: events, and a 256 MB memset that flushes the L2.
+      auto cuda_ok = [](cudaError_t err, const char* what) {
+        QUILT_REQUIRE(err == cudaSuccess, "bench_cuda_decode: ", what, ": ", cudaGetErrorString(err));
+      };
+      auto stream = static_cast<cudaStream_t>(cuda_native_stream(*be));
+      Tensor flush = be->empty({int64_t{128} << 20}, dt);  // 256 MB (bf16/f16)
+      cudaEvent_t ev0, ev1;
+      cuda_ok(cudaEventCreate(&ev0), "cudaEventCreate");
+      cuda_ok(cudaEventCreate(&ev1), "cudaEventCreate");
+      auto elapsed_us = [&] {
+        cuda_ok(cudaEventSynchronize(ev1), "cudaEventSynchronize");
+        float ms = 0;
+        cuda_ok(cudaEventElapsedTime(&ms, ev0, ev1), "cudaEventElapsedTime");
+        return double(ms) * 1e3;
+      };
+      auto cold_us = [&](const Op& op) {
+        std::vector<double> t;
+        for (int rep = 0; rep < 11; ++rep) {
+          cuda_ok(cudaMemsetAsync(flush.data(), rep + 1, flush.bytes(), stream), "cudaMemsetAsync");
+          cuda_ok(cudaEventRecord(ev0, stream), "cudaEventRecord");
+          op.run();
+          cuda_ok(cudaEventRecord(ev1, stream), "cudaEventRecord");
+          const double us = elapsed_us();
+          if (rep > 0) t.push_back(us);  // the first one is a warm-up
+        }
+        return median(t);
+      };
+      auto graph_us = [&](const Op& op) {
+        try {
+          auto g = be->capture_graph([&] { for (int k = 0; k < 20; ++k) op.run(); });
+          g->launch();
+          cuda_synchronize(*be);
+          cuda_ok(cudaEventRecord(ev0, stream), "cudaEventRecord");
+          for (int r = 0; r < 5; ++r) g->launch();
+          cuda_ok(cudaEventRecord(ev1, stream), "cudaEventRecord");
+          return elapsed_us() / 100;
+        } catch (const quilt::Error& err) {
+          std::fprintf(stderr, "[ops] %s: no graph timing: %s\n", op.name.c_str(), err.what());
+          return -1.0;
+        }
+      };
+
+      double total = 0, total_graph = 0;
       if (rank == 0)
-        std::printf("[ops] per op, 50 back-to-back launches each (host wall / 50: an upper bound for small kernels);"
-                    " bound = weight or KV bytes / %.2f TB/s\n", copy_tbs);
+        std::printf("[ops] per op: warm = 50 back-to-back launches, host wall / 50; graph = 20 launches in a CUDA graph,"
+                    " GPU time / launch; cold = one launch after a 256 MB L2 flush, GPU time (median of 10), as TB/s and"
+                    " %% of %.2f TB/s; bound = weight or KV bytes / %.2f TB/s (D2D copy)\n", hbm_tbs, copy_tbs);
       for (const Op& op : ops) {
         cuda_set_kernel_options(*be, op.opt);
         op.run();
@@ -338,19 +392,28 @@ int main(int argc, char** argv) {
         for (int k = 0; k < 50; ++k) op.run();
         cuda_synchronize(*be);
         const double us = seconds(t0, Clock::now()) / 50 * 1e6;
-        if (!op.alt) total += us * op.per_step;
-        const std::string label = op.name + (op.alt ? " (alt)" : "");
-        if (op.bytes > 0) {
-          const double bound_us = op.bytes / (copy_tbs * 1e12) * 1e6;
-          std::printf("[ops]   %-30s %8.1f us x %3d = %8.1f us | bound %6.1f us | ratio %5.2fx | %5.2f TB/s\n",
-                      label.c_str(), us, op.per_step, us * op.per_step, bound_us, us / bound_us, op.bytes / (us * 1e-6) / 1e12);
-        } else {
-          std::printf("[ops]   %-30s %8.1f us x %3d = %8.1f us\n", label.c_str(), us, op.per_step, us * op.per_step);
+        const double gus = graph_us(op);
+        if (!op.alt) {
+          total += us * op.per_step;
+          total_graph += (gus > 0 ? gus : us) * op.per_step;
         }
+        const std::string label = op.name + (op.alt ? " (alt)" : "");
+        std::printf("[ops]   %-32s warm %7.1f | graph %7.1f us x %3d = %8.1f us", label.c_str(), us, gus, op.per_step,
+                    (gus > 0 ? gus : us) * op.per_step);
+        if (op.bytes > 0) {
+          const double cus = cold_us(op);
+          const double bound_us = op.bytes / (copy_tbs * 1e12) * 1e6;
+          const double tbs = op.bytes / (cus * 1e-6) / 1e12;
+          std::printf(" | cold %7.1f us %5.2f TB/s %3.0f%% | bound %6.1f us | cold/bound %5.2fx", cus, tbs,
+                      100 * tbs / hbm_tbs, bound_us, cus / bound_us);
+        }
+        std::printf("\n");
       }
+      cuda_ok(cudaEventDestroy(ev0), "cudaEventDestroy");
+      cuda_ok(cudaEventDestroy(ev1), "cudaEventDestroy");
       cuda_set_kernel_options(*be, fast);
-      std::printf("[ops] sum of ops (picked kernels): %.3f ms; rest of the step: %.3f ms (launch gaps, uploads, the"
-                  " logits download)\n", total / 1e3, step_ms - total / 1e3);
+      std::printf("[ops] sum of ops (picked kernels): warm %.3f ms, graph %.3f ms; step %.3f ms (rest: launch gaps,"
+                  " uploads, the logits download)\n", total / 1e3, total_graph / 1e3, step_ms);
     }
   } catch (const quilt::Error& e) {
     std::fprintf(stderr, "bench_cuda_decode: %s\n", e.what());

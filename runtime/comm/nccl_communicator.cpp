@@ -27,6 +27,7 @@ ncclDataType_t nccl_type(DType dt) {
     case DType::bf16: return ncclBfloat16;
     case DType::f16: return ncclFloat16;
     case DType::i32: return ncclInt32;
+    case DType::fp8_e4m3: break;  // KV cache storage only: never reduced
   }
   QUILT_FAIL("NCCL communicator: no NCCL type for ", dtype_name(dt));
 }

@@ -383,7 +383,8 @@ void P2pAllReduce::all_reduce_sum(Tensor& x) {
     case DType::f32: launch<F32>(aligned, size_, blocks, s, a); break;
     case DType::bf16: launch<Bf16>(aligned, size_, blocks, s, a); break;
     case DType::f16: launch<F16>(aligned, size_, blocks, s, a); break;
-    case DType::i32: QUILT_ASSERT(false, "one-shot all-reduce of i32");
+    case DType::i32:
+    case DType::fp8_e4m3: QUILT_ASSERT(false, "one-shot all-reduce of ", dtype_name(x.dtype()));
   }
   check(cudaGetLastError(), "launch");
 }

@@ -113,6 +113,7 @@ ServeConfig ServeConfig::from_yaml_text(const std::string& text, const std::stri
   k.clear();
   read(cu, "cuda", "graphs_max_batch", c.cuda_graphs_max_batch, k, src);
   read(cu, "cuda", "gpu_memory_fraction", c.gpu_memory_fraction, k, src);
+  read(cu, "cuda", "kv_cache_dtype", c.cuda_kv_cache_dtype, k, src);
   reject_unknown(cu, "cuda", k, src);
 
   const YAML::Node health = section(root, "health", src);
@@ -137,6 +138,11 @@ ServeConfig ServeConfig::from_yaml_text(const std::string& text, const std::stri
                 ": 'cuda.graphs_max_batch' must be in [0, 1024]");
   QUILT_REQUIRE(c.gpu_memory_fraction > 0 && c.gpu_memory_fraction <= 1, src,
                 ": 'cuda.gpu_memory_fraction' must be in (0, 1]");
+  QUILT_REQUIRE(c.cuda_kv_cache_dtype == "auto" || c.cuda_kv_cache_dtype == "fp8_e4m3", src,
+                ": 'cuda.kv_cache_dtype' must be auto or fp8_e4m3, not '", c.cuda_kv_cache_dtype, "'");
+  QUILT_REQUIRE(c.cuda_kv_cache_dtype == "auto" || c.backend == "cuda", src,
+                ": 'cuda.kv_cache_dtype' ", c.cuda_kv_cache_dtype, " needs backend cuda (the ", c.backend,
+                " backend keeps its KV cache in its compute dtype: use auto)");
   QUILT_REQUIRE(c.max_batch_prefill_tokens >= c.max_input_length, src,
                 ": 'scheduler.max_batch_prefill_tokens' must be >= 'limits.max_input_length' (a prompt must fit one prefill)");
   QUILT_REQUIRE(c.max_batch_total_tokens >= c.max_total_tokens, src,
@@ -208,7 +214,7 @@ std::string ServeConfig::to_yaml() const {
     << YAML::Value << placement << YAML::Key << "overload_slack" << YAML::Value << adapter_overload_slack << YAML::EndMap;
   e << YAML::Key << "cuda" << YAML::Value << YAML::BeginMap << YAML::Key << "graphs_max_batch" << YAML::Value
     << cuda_graphs_max_batch << YAML::Key << "gpu_memory_fraction" << YAML::Value << gpu_memory_fraction
-    << YAML::EndMap;
+    << YAML::Key << "kv_cache_dtype" << YAML::Value << cuda_kv_cache_dtype << YAML::EndMap;
   e << YAML::Key << "health" << YAML::Value << YAML::BeginMap << YAML::Key << "heartbeat_interval_s"
     << YAML::Value << heartbeat_interval_s << YAML::Key << "heartbeat_timeout_s" << YAML::Value
     << heartbeat_timeout_s << YAML::EndMap;

@@ -49,6 +49,7 @@ struct ServeConfig {
   // cuda (the cuda backend only)
   int cuda_graphs_max_batch = 256;     // decode batches up to this size replay CUDA graphs; 0 = off
   double gpu_memory_fraction = 0.90;   // share of each GPU's memory the worker may use (weights, activations, KV)
+  std::string cuda_kv_cache_dtype = "auto";  // auto (the compute dtype) | fp8_e4m3 (e4m3 values, per-token-head scales)
   // health
   double heartbeat_interval_s = 1.0;   // workers report this often
   double heartbeat_timeout_s = 10.0;   // a worker silent this long makes /health fail

@@ -10,6 +10,10 @@ set_tests_properties(test_cuda_lora PROPERTIES SKIP_REGULAR_EXPRESSION "no CUDA 
 # The tensor-core prefill path of paged_attention against the CPU and the decode kernels.
 quilt_test(test_cuda_prefill SOURCES kernels/test_cuda_prefill.cpp LABELS cuda)
 set_tests_properties(test_cuda_prefill PROPERTIES SKIP_REGULAR_EXPRESSION "no CUDA device visible")
+# The fp8 (e4m3) KV cache: write_kv_cache's quantisation and paged_attention on it against the CPU,
+# and the golden fixtures with it (kernels/cuda/kv_fp8.cuh).
+quilt_test(test_cuda_kv_fp8 SOURCES kernels/test_cuda_kv_fp8.cpp model/fixtures.cpp LABELS cuda)
+set_tests_properties(test_cuda_kv_fp8 PROPERTIES SKIP_REGULAR_EXPRESSION "no CUDA device visible")
 # Backend::sample on the GPU against the CPU op, and its timing (kernels/cuda/sample.cu).
 quilt_test(test_cuda_sample SOURCES kernels/test_cuda_sample.cpp LABELS cuda)
 set_tests_properties(test_cuda_sample PROPERTIES SKIP_REGULAR_EXPRESSION "no CUDA device visible")

@@ -1,6 +1,8 @@
-// The CUDA multi-LoRA op (lora_sgmv, lora_sgmv_multi) against the CPU backend's lora_sgmv (the
-// fp32 reference), in each storage dtype of the CUDA backend. Runs on the GPU machine; without a
-// visible GPU every test is skipped (GTEST_SKIP), never passed.
+// The CUDA multi-LoRA ops against the CPU backend (the fp32 reference), in each storage dtype of
+// the CUDA backend: lora_sgmv / lora_sgmv_multi against the CPU's lora_sgmv, and the step-level
+// plan (lora_shrink + lora_expand, Plan* tests) against the CPU's lora_shrink + lora_expand
+// (test_lora_plan.cpp: equal to lora_sgmv bit for bit), eagerly and replayed from a graph. Runs
+// on the GPU machine; without a visible GPU every test is skipped (GTEST_SKIP), never passed.
 //
 // Inputs are drawn in fp32 and rounded to the dtype under test on the host, so both backends see
 // the same x, A, B and y; x ~ N(0, 1), A ~ N(0, 1/K), B ~ N(0, 1/r), so v = x A^T and the
@@ -187,6 +189,241 @@ class CudaLora : public ::testing::TestWithParam<DType> {
                            << " -> " << got[first_changed];
   }
 
+  // ---- the step-level plan (lora_shrink / lora_expand, lora_plan.h) ----------------------------
+  // One module of a plan case: width n at column col of y; ranks per adapter (0: not touched).
+  struct ModSpec {
+    int64_t col, n;
+    std::vector<int> ranks;
+  };
+  // Adapters on both backends for kLayers layers; the tested layer is the last, the others hold
+  // other factors of the same shapes (a kernel reading the wrong layer gets other numbers).
+  static constexpr int kLayers = 3, kLayer = 2, kModules = 7;
+  struct Rig {
+    LoraGroup g;
+    std::deque<Tensor> keep;
+    std::vector<std::vector<LoraEntry>> ec, eg;  // [adapter][layer * kModules + module]: cpu, gpu
+    std::vector<std::vector<int>> ranks;         // [adapter][module of the group]
+  };
+  void make_rig(Rig& rig, int64_t K, const std::vector<ModSpec>& mods) {
+    const size_t adapters = mods.at(0).ranks.size();
+    rig.g = LoraGroup{};
+    rig.g.k = K;
+    for (size_t p = 0; p < mods.size(); ++p) rig.g.add(static_cast<int>(2 * p + 1), mods[p].col, mods[p].n);
+    const LoraEntry none{nullptr, nullptr, 0, 0};
+    rig.ec.assign(adapters, std::vector<LoraEntry>(kLayers * kModules, none));
+    rig.eg = rig.ec;
+    rig.ranks.assign(adapters, std::vector<int>(mods.size(), 0));
+    for (size_t a = 0; a < adapters; ++a)
+      for (int l = 0; l < kLayers; ++l)
+        for (size_t p = 0; p < mods.size(); ++p) {
+          const int r = mods[p].ranks.at(a);
+          rig.ranks[a][p] = r;
+          if (r == 0) continue;
+          const auto A = randn(r * K, 1.0f / std::sqrt(static_cast<float>(K)));
+          const auto B = randn(mods[p].n * r, 1.0f / std::sqrt(static_cast<float>(r)));
+          rig.keep.push_back(up(*cpu, A, {r, K}));
+          const void* ac = rig.keep.back().data();
+          rig.keep.push_back(up(*cpu, B, {mods[p].n, r}));
+          const void* bc = rig.keep.back().data();
+          rig.keep.push_back(up(*gpu, A, {r, K}));
+          const void* ag = rig.keep.back().data();
+          rig.keep.push_back(up(*gpu, B, {mods[p].n, r}));
+          const void* bg = rig.keep.back().data();
+          rig.ec[a][l * kModules + rig.g.module[p]] = LoraEntry{ac, bc, r, 0};
+          rig.eg[a][l * kModules + rig.g.module[p]] = LoraEntry{ag, bg, r, 0};
+        }
+  }
+  // The tiles of a row -> adapter map (-1: base row), the adapters taking slots of `table` in the
+  // order of their first row (the same slots on both backends when both tables see the same calls).
+  std::vector<int32_t> plan_words(LoraTable& table, const std::vector<std::vector<LoraEntry>>& entries,
+                                  const std::vector<int32_t>& row_adapter) {
+    table.begin_step();
+    std::vector<int32_t> row_slot(row_adapter.size(), -1);
+    for (size_t t = 0; t < row_adapter.size(); ++t)
+      if (row_adapter[t] >= 0) row_slot[t] = table.slot(&entries[row_adapter[t]], entries[row_adapter[t]]);
+    return lora_tiles(row_slot);
+  }
+  LoraStep make_step(Backend& be, const LoraTable& table, int64_t max_tiles, int64_t max_rows) {
+    LoraStep s;
+    s.table = table.tensor();
+    s.tiles = be.zeros({kLoraHeaderInts + max_tiles * kLoraTileInts + max_rows}, DType::i32);
+    s.partials = be.zeros({lora_partial_floats(max_tiles)}, DType::f32);
+    s.layers = kLayers;
+    s.modules = kModules;
+    s.max_tiles = static_cast<int>(max_tiles);
+    s.max_rows = static_cast<int>(max_rows);
+    return s;
+  }
+  void upload_words(Backend& be, LoraStep& s, const std::vector<int32_t>& words) {
+    ASSERT_LE(words[0], s.max_tiles);
+    ASSERT_LE(static_cast<int64_t>(words.size()), s.tiles.numel());
+    Tensor used = s.tiles.slice_rows(0, static_cast<int64_t>(words.size()));
+    be.upload_i32(used, words.data());
+  }
+  // Elements the plan must change: rows of an adapter, columns of the modules it has.
+  void plan_touched(const Rig& rig, const std::vector<int32_t>& row_adapter, int64_t ldy, std::vector<uint8_t>& touched,
+                    std::vector<int>& owner) {
+    touched.assign(row_adapter.size() * ldy, 0);
+    owner.assign(row_adapter.size() * ldy, -1);
+    for (size_t t = 0; t < row_adapter.size(); ++t) {
+      if (row_adapter[t] < 0) continue;
+      for (int p = 0; p < rig.g.count; ++p) {
+        if (rig.ranks[row_adapter[t]][p] == 0) continue;
+        for (int64_t o = 0; o < rig.g.n[p]; ++o) {
+          touched[t * ldy + rig.g.col[p] + o] = 1;
+          owner[t * ldy + rig.g.col[p] + o] = p;
+        }
+      }
+    }
+  }
+
+  // A plan case: the group of `mods` for rows -> adapters on the CPU (the reference: the same
+  // loops as lora_sgmv, test_lora_plan.cpp) and on the GPU with launches sized for max_tiles
+  // (the batch bucket; 0: exactly the tiles), the shrink beside the stream and in line (the same
+  // bits), and, with `graph`, recorded once and replayed with the plan of `row_adapter2` uploaded
+  // into the same buffers (the graph must give what an eager call gives, bit for bit).
+  void run_plan(const std::string& tag, int64_t K, int64_t ldy, const std::vector<ModSpec>& mods,
+                const std::vector<int32_t>& row_adapter, int64_t max_tiles = 0, bool misaligned_x = false,
+                const std::vector<int32_t>* row_adapter2 = nullptr) {
+    const int64_t T = static_cast<int64_t>(row_adapter.size());
+    Rig rig;
+    make_rig(rig, K, mods);
+    LoraTable tc(*cpu, kLayers, kModules, 2), tg(*gpu, kLayers, kModules, 2);
+    {  // every adapter takes its slot now (the table grows here, not under the graph below)
+      std::vector<int32_t> all(rig.ec.size());
+      std::iota(all.begin(), all.end(), 0);
+      plan_words(tc, rig.ec, all);
+      plan_words(tg, rig.eg, all);
+    }
+    const auto x = randn(T * K), y0 = randn(T * ldy);
+    Tensor xc = up(*cpu, x, {T, K});
+    Tensor xg;
+    if (misaligned_x) {
+      std::vector<float> padded(T * K + 1, 0.f);
+      std::copy(x.begin(), x.end(), padded.begin() + 1);
+      rig.keep.push_back(up(*gpu, padded, {T * K + 1}));
+      xg = Tensor(nullptr, static_cast<char*>(rig.keep.back().data()) + dtype_size(dt), dt, Device::cuda, {T, K});
+    } else {
+      xg = up(*gpu, x, {T, K});
+    }
+    Tensor y0g = up(*gpu, y0, {T, ldy});
+
+    auto reference = [&](const std::vector<int32_t>& ra) {
+      const auto words = plan_words(tc, rig.ec, ra);
+      LoraStep s = make_step(*cpu, tc, std::max<int64_t>(words[0], 1), T);
+      std::memcpy(s.tiles.data(), words.data(), words.size() * sizeof(int32_t));
+      Tensor yc = up(*cpu, y0, {T, ldy});
+      cpu->lora_shrink(s, kLayer, rig.g, xc);
+      cpu->lora_expand(s, kLayer, rig.g, yc);
+      return host(*cpu, yc);
+    };
+    const auto words = plan_words(tg, rig.eg, row_adapter);
+    const int64_t cap = max_tiles > 0 ? max_tiles : std::max<int32_t>(words[0], 1);
+    LoraStep sg = make_step(*gpu, tg, cap, T);
+    upload_words(*gpu, sg, words);
+    Tensor yg = up(*gpu, y0, {T, ldy});
+    gpu->lora_shrink(sg, kLayer, rig.g, xg);
+    gpu->lora_expand(sg, kLayer, rig.g, yg);
+    const auto got = host(*gpu, yg);
+    std::vector<uint8_t> touched;
+    std::vector<int> owner;
+    plan_touched(rig, row_adapter, ldy, touched, owner);
+    const std::string name = tag + " (" + std::to_string(words[0]) + " tiles, launch for " + std::to_string(cap) + ")";
+    check(name + " [plan]", got, reference(row_adapter), y0, touched, owner, ldy);
+
+    CudaKernelOptions inline_opts;
+    inline_opts.lora_overlap = false;
+    cuda_set_kernel_options(*gpu, inline_opts);
+    gpu->copy(yg, y0g);
+    gpu->lora_shrink(sg, kLayer, rig.g, xg);
+    gpu->lora_expand(sg, kLayer, rig.g, yg);
+    cuda_set_kernel_options(*gpu, CudaKernelOptions{});
+    EXPECT_EQ(bitwise_diff(host(*gpu, yg), got), 0u) << name << ": the shrink in line differs from the shrink beside";
+
+    // gate/up-shaped groups: lora_expand_gelu against lora_expand + gelu_tanh_mul on the GPU (the
+    // expand's numbers are checked above, gelu_tanh_mul's in test_cuda_ops): the same rounding of
+    // gate + dg and up + du, then the same activation; gate_up must stay as it was.
+    const bool gelu_shaped = rig.g.count == 2 && rig.g.col[0] == 0 && rig.g.col[1] == rig.g.n[0] &&
+                             rig.g.n[0] == rig.g.n[1] && ldy == 2 * rig.g.n[0];
+    const int64_t I = gelu_shaped ? rig.g.n[0] : 0;
+    Tensor act = gpu->empty({T, std::max<int64_t>(I, 1)}, dt), act_sep = gpu->empty({T, std::max<int64_t>(I, 1)}, dt);
+    std::vector<float> fused;
+    if (gelu_shaped) {
+      gpu->copy(yg, y0g);
+      gpu->lora_shrink(sg, kLayer, rig.g, xg);
+      gpu->lora_expand(sg, kLayer, rig.g, yg);
+      gpu->gelu_tanh_mul(act_sep, yg);
+      gpu->lora_shrink(sg, kLayer, rig.g, xg);
+      gpu->lora_expand_gelu(sg, kLayer, rig.g, y0g, act);
+      fused = host(*gpu, act);
+      check_fused(name + " [expand + gelu fused]", fused, host(*gpu, act_sep));
+      EXPECT_EQ(bitwise_diff(host(*gpu, y0g), y0), 0u) << name << ": lora_expand_gelu wrote gate_up";
+    }
+
+    if (!row_adapter2) return;
+    ASSERT_EQ(row_adapter2->size(), row_adapter.size());
+    auto graph = gpu->capture_graph([&] {
+      gpu->lora_shrink(sg, kLayer, rig.g, xg);
+      gpu->lora_expand(sg, kLayer, rig.g, yg);
+      if (gelu_shaped) {
+        gpu->lora_shrink(sg, kLayer, rig.g, xg);
+        gpu->lora_expand_gelu(sg, kLayer, rig.g, y0g, act);
+      }
+    });
+    gpu->copy(yg, y0g);
+    graph->launch();
+    EXPECT_EQ(bitwise_diff(host(*gpu, yg), got), 0u) << name << ": the graph's replay differs from the eager call";
+    if (gelu_shaped) {
+      EXPECT_EQ(bitwise_diff(host(*gpu, act), fused), 0u) << name << ": the fused op's replay differs";
+    }
+    const auto words2 = plan_words(tg, rig.eg, *row_adapter2);  // the same slots' entries: no table growth
+    ASSERT_EQ(tg.tensor().data(), sg.table.data()) << "the table grew: the graph would read a stale one";
+    upload_words(*gpu, sg, words2);
+    gpu->copy(yg, y0g);
+    graph->launch();
+    const auto got2 = host(*gpu, yg);
+    plan_touched(rig, *row_adapter2, ldy, touched, owner);
+    check(tag + " (" + std::to_string(words2[0]) + " tiles) [graph replayed with another mix]", got2,
+          reference(*row_adapter2), y0, touched, owner, ldy);
+    const auto act2 = gelu_shaped ? host(*gpu, act) : std::vector<float>{};
+    gpu->copy(yg, y0g);
+    gpu->lora_shrink(sg, kLayer, rig.g, xg);
+    gpu->lora_expand(sg, kLayer, rig.g, yg);
+    EXPECT_EQ(bitwise_diff(host(*gpu, yg), got2), 0u) << name << ": the replay with another mix differs from its eager call";
+    if (gelu_shaped) {
+      gpu->lora_shrink(sg, kLayer, rig.g, xg);
+      gpu->lora_expand_gelu(sg, kLayer, rig.g, y0g, act);
+      EXPECT_EQ(bitwise_diff(host(*gpu, act), act2), 0u) << name << ": the fused op's replay with another mix differs";
+      gpu->gelu_tanh_mul(act_sep, yg);
+      check_fused(tag + " [expand + gelu fused, graph replayed with another mix]", act2, host(*gpu, act_sep));
+    }
+  }
+  // The fused activation against expand + gelu_tanh_mul on the GPU: equal but for the compiler's
+  // choices in the activation (contractions, tanhf), so within one rounding of the output dtype
+  // of max(|a|, rms) (f32: 1e-6); the bitwise differences are counted.
+  void check_fused(const std::string& what, const std::vector<float>& got, const std::vector<float>& want) {
+    ASSERT_EQ(got.size(), want.size());
+    double ss = 0;
+    for (float v : want) ss += static_cast<double>(v) * v;
+    const double rms = want.empty() ? 0 : std::sqrt(ss / want.size());
+    const double tol = dt == DType::bf16 ? 1.0 / 256 : dt == DType::f16 ? 1.0 / 2048 : 1e-6;
+    double worst = 0;
+    size_t at = 0, bad = 0;
+    for (size_t k = 0; k < got.size(); ++k) {
+      const double d = std::abs(static_cast<double>(got[k]) - want[k]) / std::max<double>(std::abs(want[k]), rms);
+      if (!(d <= tol)) ++bad;
+      if (!(d <= worst)) worst = d, at = k;
+    }
+    std::printf("[cuda-lora] %-5s %-70s max |fused-separate|/max(|a|,rms) = %.3g (tol %.0e) at %zu, %zu of %zu not bitwise equal\n",
+                dtype_name(dt), what.c_str(), worst, tol, at, bitwise_diff(got, want), got.size());
+    EXPECT_EQ(bad, 0u) << what << ": worst at " << at << ": fused " << got[at] << " separate " << want[at];
+  }
+  static size_t bitwise_diff(const std::vector<float>& a, const std::vector<float>& b) {
+    size_t n = 0;
+    for (size_t k = 0; k < a.size(); ++k) n += std::memcmp(&a[k], &b[k], sizeof(float)) != 0;
+    return n;
+  }
+
   DType dt = DType::f32;
   std::unique_ptr<Backend> cpu, gpu;
   std::mt19937 rng{20261128};
@@ -292,6 +529,96 @@ TEST_P(CudaLora, EmptyAndRefused) {
                quilt::Error);
   gpu->lora_sgmv_multi(y, x, {});  // nothing to do
   cuda_synchronize(*gpu);
+}
+
+// ---- the step-level plan: lora_shrink + lora_expand (lora_plan.h) -------------------------------
+
+namespace {
+// T rows, every `base_every`-th a base row (-1), the others of adapters drawn at random (so an
+// adapter's rows are scattered over the batch, in no order).
+std::vector<int32_t> random_rows(int64_t T, int adapters, int base_every, std::mt19937& rng) {
+  std::vector<int32_t> r(T);
+  std::uniform_int_distribution<int> pick(0, adapters - 1);
+  for (int64_t t = 0; t < T; ++t) r[t] = base_every > 0 && t % base_every == base_every - 1 ? -1 : pick(rng);
+  return r;
+}
+// Rows grouped by adapter (as bench-step and the worker give them): adapter a owns [T a / A, T (a + 1) / A).
+std::vector<int32_t> grouped_rows(int64_t T, int adapters) {
+  std::vector<int32_t> r(T);
+  for (int64_t t = 0; t < T; ++t) r[t] = static_cast<int32_t>(t * adapters / T);
+  return r;
+}
+}  // namespace
+
+// Decode batches of gemma-2b's shapes in a bucket of 64 rows: 1, 8 and 32 adapters of rank 16,
+// rows grouped and scattered, base rows among them; q/k/v into the fused row (3 modules), o,
+// gate/up (2 modules of 16384, also through lora_expand_gelu) and down (K = 16384: the K splits
+// meet in the shrink's last block). The qkv, gate/up and down cases are recorded as graphs and
+// replayed with another adapter mix (37 rows of the 64, the rest padding).
+TEST_P(CudaLora, PlanDecodeShaped) {
+  for (int adapters : {1, 8, 32}) {
+    const std::vector<int> r16(adapters, 16);
+    const auto grouped = grouped_rows(64, adapters);
+    const auto scattered = random_rows(64, adapters, 5, rng);
+    auto fewer = random_rows(64, adapters, 3, rng);  // then 37 rows of the bucket of 64: padding rows after
+    std::fill(fewer.begin() + 37, fewer.end(), -1);
+    const std::string tag = "plan decode 64, " + std::to_string(adapters) + " adapters r16";
+    run_plan(tag + " qkv K=2048 grouped", 2048, 2560, {{0, 2048, r16}, {2048, 256, r16}, {2304, 256, r16}}, grouped, 64,
+             false, &scattered);
+    run_plan(tag + " o K=2048 scattered", 2048, 2048, {{0, 2048, r16}}, scattered, 64);
+    run_plan(tag + " gate_up K=2048 scattered", 2048, 2 * 16384, {{0, 16384, r16}, {16384, 16384, r16}}, scattered, 64,
+             false, &fewer);
+    run_plan(tag + " down K=16384 grouped", 16384, 2048, {{0, 2048, r16}}, grouped, 64, false, &fewer);
+  }
+  // One row in a bucket of 1 (K split 64 ways), 3 rows of 7b's down at rank 64, 7b's gate_up.
+  run_plan("plan decode 1 row r16 down K=16384", 16384, 2048, {{0, 2048, {16}}}, {0}, 1);
+  run_plan("plan decode 1 of 3 rows r64 7b down K=24576", 24576, 3072, {{0, 3072, {64}}}, {-1, 0, -1}, 4);
+  run_plan("plan decode 8 rows 2 adapters r16 7b gate_up N=24576", 3072, 2 * 24576,
+           {{0, 24576, {16, 16}}, {24576, 24576, {16, 16}}}, {0, 1, 1, 0, 0, 1, 1, 1}, 8);
+}
+
+// Prefill-sized plans: 1320 rows (165 tiles: more work items than blocks), segments of 1, 7, 300
+// and 1000 rows with base rows between, one adapter on two segments, ranks 8..64.
+TEST_P(CudaLora, PlanPrefillShaped) {
+  std::vector<int32_t> rows(1320, -1);
+  auto span = [&](int b, int e, int a) { std::fill(rows.begin() + b, rows.begin() + e, a); };
+  span(3, 4, 0);
+  span(4, 11, 1);
+  span(13, 313, 2);
+  span(313, 1313, 0);
+  run_plan("plan prefill 1/7/300/1000 rows r16/8/64 gate_up K=2048", 2048, 2 * 2048,
+           {{0, 2048, {16, 8, 64}}, {2048, 2048, {16, 8, 64}}}, rows);
+  run_plan("plan prefill 1/7/300/1000 rows r32/16/16 qkv K=2048", 2048, 2560,
+           {{0, 2048, {32, 16, 16}}, {2048, 256, {32, 16, 16}}, {2304, 256, {32, 16, 16}}}, rows);
+  run_plan("plan prefill down K=16384 r16/8/64", 16384, 2048, {{0, 2048, {16, 8, 64}}}, rows, 0);
+}
+
+// Every rank from 1 to 64 in one call, with 1-3 rows per adapter in a random order; an adapter
+// without the second module and one with neither (its rows stay untouched); odd K and N (the
+// element-wise paths), columns offset into a wider y; x misaligned; ranks 128 and 96; a tiny case.
+TEST_P(CudaLora, PlanMixedRanksOddShapes) {
+  std::vector<int> ranks(64), ranks2(64);
+  for (int a = 0; a < 64; ++a) ranks[a] = ranks2[a] = a + 1;
+  ranks2[5] = 0;                  // adapter 5 has no second module
+  ranks[7] = ranks2[7] = 0;       // adapter 7 has neither
+  std::vector<int32_t> rows;
+  for (int a = 0; a < 64; ++a)
+    for (int k = 0; k < 1 + a % 3; ++k) rows.push_back(a);
+  rows.push_back(-1);
+  std::shuffle(rows.begin(), rows.end(), rng);
+  const int64_t T = static_cast<int64_t>(rows.size());
+  run_plan("plan ranks 1..64 shuffled, K=2049 N=25 at col 3 + N=12 at col 28", 2049, 40,
+           {{3, 25, ranks}, {28, 12, ranks2}}, rows, T);
+  run_plan("plan ranks 1..64 shuffled, K=2048 N=256 at col 1", 2048, 300, {{1, 256, ranks}}, rows, T);
+  run_plan("plan ranks 1..64 shuffled, K=2048 N=256, x misaligned", 2048, 256, {{0, 256, ranks}}, rows, T, true);
+  run_plan("plan ranks 128/96 K=3072 N=4096", 3072, 4096, {{0, 4096, {128, 96}}}, {0, -1, 1, 1, 1, 1, 1, -1, -1, 0, 0});
+  run_plan("plan rank 3 K=7 N=5 tiny", 7, 9, {{2, 5, {3}}}, {-1, 0, 0, -1}, 4);
+}
+
+// No adapter rows: nothing changes, with launches sized for a bucket all the same.
+TEST_P(CudaLora, PlanWithoutTilesChangesNothing) {
+  run_plan("plan, 16 base rows", 2048, 2560, {{0, 2048, {16}}, {2048, 256, {16}}, {2304, 256, {16}}},
+           std::vector<int32_t>(16, -1), 16);
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaLora, ::testing::Values(DType::f32, DType::bf16, DType::f16),

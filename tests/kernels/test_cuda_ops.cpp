@@ -212,7 +212,10 @@ TEST_P(CudaOps, Matmul) {
                         Case{129, 4097, 255, false, true}, Case{2, 3, 1, true, true},
                         // M <= 8 with K % 8 == 0 and aligned x take the GEMV in bf16/f16
                         Case{3, 2560, 2048, false, false}, Case{8, 1000, 16384, true, false},
-                        Case{5, 77, 264, false, true}, Case{1, 13, 8, true, false}, Case{4, 4100, 3072, false, false}}) {
+                        Case{5, 77, 264, false, true}, Case{1, 13, 8, true, false}, Case{4, 4100, 3072, false, false},
+                        // decode shapes (2b down, 7b down) and many tiles per block of the persistent GEMV
+                        Case{8, 2048, 16384, false, false}, Case{1, 3072, 24576, true, false},
+                        Case{2, 40000, 256, false, false}, Case{3, 33333, 136, true, true}}) {
     const std::string tag = " M=" + std::to_string(c.M) + " N=" + std::to_string(c.N) + " K=" +
                             std::to_string(c.K) + (c.acc ? " +=" : "") + (c.offset ? " x at row 1" : "");
     // With `offset` x is rows [1, M+1) of a bigger tensor: a pointer that is not 16-byte aligned
@@ -227,13 +230,94 @@ TEST_P(CudaOps, Matmul) {
     gpu->matmul(y2, x2, up(*gpu, w, {c.N, c.K}), c.acc);
     const auto want = host(*cpu, y1);
     expect_close("matmul" + tag, host(*gpu, y2), want);
-    if (c.M <= 8) {  // the GEMV for every M it has, whether or not it is the faster here
-      cuda_set_kernel_options(*gpu, CudaKernelOptions{true, 8, false});
+    // Every GEMV kernel (matmul.cu) for every M it has, whether or not the tuning picks it here
+    // (bf16/f16 with aligned x; otherwise these runs take cuBLAS again).
+    for (int k = 0; c.M <= 8 && k < cuda_gemv_kernel_count(); ++k) {
+      CudaKernelOptions o;
+      o.gemv_kernel = k;
+      cuda_set_kernel_options(*gpu, o);
       Tensor y3 = up(*gpu, y0, {c.M, c.N});
       gpu->matmul(y3, x2, up(*gpu, w, {c.N, c.K}), c.acc);
       cuda_set_kernel_options(*gpu, CudaKernelOptions{});
-      expect_close("matmul gemv-allowed" + tag, host(*gpu, y3), want);
+      expect_close("matmul gemv '" + cuda_gemv_kernel_name(k) + "'" + tag, host(*gpu, y3), want);
     }
+  }
+}
+
+// A decode layer's chain of norms, GEMVs, rope and GeGLU issued back to back (with PDL each
+// kernel may start before the previous one ends, kernels/cuda/pdl.cuh) must give bitwise the
+// same results as the same ops with a device synchronisation after each one, eagerly and when
+// replayed from a CUDA graph (whose first kernel follows a copy). Every kernel is deterministic,
+// so any difference is an ordering bug. Each GEMV kernel in turn, batch 1 and 8.
+TEST_P(CudaOps, DecodeChainBackToBackMatchesSynchronisedOps) {
+  const int64_t H = 2048, I = 2048, D = 256;
+  const int Hq = 8, Hkv = 1;
+  const int64_t QKV = (Hq + 2 * Hkv) * D;
+  const RopeParams rp{Hq, Hkv, static_cast<int>(D), 10000.f};
+  for (int64_t T : {int64_t{1}, int64_t{8}}) {
+    Tensor x0 = up(*gpu, randn(T * H, 2.0f), {T, H}), res0 = up(*gpu, randn(T * H, 2.0f), {T, H});
+    Tensor wn1 = up(*gpu, randn(H, 0.5f), {H}), wn2 = up(*gpu, randn(H, 0.5f), {H}), wn3 = up(*gpu, randn(H, 0.5f), {H});
+    Tensor wqkv = up(*gpu, randn(QKV * H, 0.03f), {QKV, H}), wo = up(*gpu, randn(H * QKV, 0.03f), {H, QKV});
+    Tensor wgu = up(*gpu, randn(2 * I * H, 0.03f), {2 * I, H}), wd = up(*gpu, randn(H * I, 0.03f), {H, I});
+    std::vector<int32_t> p(T);
+    for (int64_t t = 0; t < T; ++t) p[t] = static_cast<int32_t>(100 + 37 * t);
+    Tensor pos = ids(*gpu, p);
+    Tensor res = gpu->empty({T, H}, dt), normed = gpu->empty({T, H}, dt), qkv = gpu->empty({T, QKV}, dt);
+    Tensor proj = gpu->empty({T, H}, dt), gu = gpu->empty({T, 2 * I}, dt), act = gpu->empty({T, I}, dt);
+    auto chain = [&](bool sync) {
+      auto step = [&] {
+        if (sync) cuda_synchronize(*gpu);
+      };
+      gpu->copy(res, res0);
+      step();
+      gpu->rms_norm(normed, x0, wn1, 1e-6f);
+      step();
+      gpu->matmul(qkv, normed, wqkv, false);
+      step();
+      gpu->rope(qkv, pos, rp);
+      step();
+      gpu->matmul(proj, qkv, wo, false);
+      step();
+      gpu->add_rms_norm(res, normed, proj, wn2, 1e-6f);
+      step();
+      gpu->matmul(gu, normed, wgu, false);
+      step();
+      gpu->gelu_tanh_mul(act, gu);
+      step();
+      gpu->matmul(proj, act, wd, true);
+      step();
+      gpu->add_rms_norm(res, normed, proj, wn3, 1e-6f);
+    };
+    for (int k = 0; k < cuda_gemv_kernel_count(); ++k) {
+      CudaKernelOptions o;
+      o.gemv_kernel = k;
+      cuda_set_kernel_options(*gpu, o);
+      const std::string what = " T=" + std::to_string(T) + " gemv '" + cuda_gemv_kernel_name(k) + "'";
+      chain(true);
+      const auto want_res = host(*gpu, res), want_norm = host(*gpu, normed), want_qkv = host(*gpu, qkv);
+      size_t off = 0;
+      for (int rep = 0; rep < 10; ++rep) {
+        chain(false);
+        const auto r = host(*gpu, res), n = host(*gpu, normed), q = host(*gpu, qkv);
+        for (size_t i = 0; i < r.size(); ++i) off += r[i] != want_res[i] || n[i] != want_norm[i];
+        for (size_t i = 0; i < q.size(); ++i) off += q[i] != want_qkv[i];
+      }
+      EXPECT_EQ(off, 0u) << "back to back" << what << ": elements differ from the synchronised ops";
+      if (gpu->supports_graphs()) {
+        auto graph = gpu->capture_graph([&] { chain(false); });
+        size_t goff = 0;
+        for (int rep = 0; rep < 10; ++rep) {
+          graph->launch();
+          const auto r = host(*gpu, res), n = host(*gpu, normed), q = host(*gpu, qkv);
+          for (size_t i = 0; i < r.size(); ++i) goff += r[i] != want_res[i] || n[i] != want_norm[i];
+          for (size_t i = 0; i < q.size(); ++i) goff += q[i] != want_qkv[i];
+        }
+        EXPECT_EQ(goff, 0u) << "graph replay" << what << ": elements differ from the synchronised ops";
+        std::printf("[cuda-ops] %-5s decode chain%s: back to back %zu, graph %zu elements off (of %zu x 10)\n",
+                    dtype_name(dt), what.c_str(), off, goff, 2 * want_res.size() + want_qkv.size());
+      }
+    }
+    cuda_set_kernel_options(*gpu, CudaKernelOptions{});
   }
 }
 

@@ -70,6 +70,9 @@ TEST(ServeConfig, ErrorsNameTheKey) {
   EXPECT_NE(error_of("cuda: {gpu_memory_fraction: 0}").find("cuda.gpu_memory_fraction"), std::string::npos);
   EXPECT_NE(error_of("cuda: {graphs_max_batch: -1}").find("cuda.graphs_max_batch"), std::string::npos);
   EXPECT_NE(error_of("cuda: {graph_max_batch: 8}").find("'cuda.graph_max_batch'"), std::string::npos);
+  EXPECT_NE(error_of("backend: cuda\ncuda: {kv_cache_dtype: fp8}").find("'cuda.kv_cache_dtype'"), std::string::npos);
+  // The cpu backend has no fp8 KV cache: refused at start, not ignored.
+  EXPECT_NE(error_of("cuda: {kv_cache_dtype: fp8_e4m3}").find("'cuda.kv_cache_dtype'"), std::string::npos);
 }
 
 TEST(ServeConfig, CudaKeys) {
@@ -83,4 +86,8 @@ TEST(ServeConfig, CudaKeys) {
   const auto back = ServeConfig::from_yaml_text(c.to_yaml());
   EXPECT_EQ(back.cuda_graphs_max_batch, 0);
   EXPECT_DOUBLE_EQ(back.gpu_memory_fraction, 0.5);
+  EXPECT_EQ(d.cuda_kv_cache_dtype, "auto");
+  const auto f = ServeConfig::from_yaml_text("backend: cuda\ncuda: {kv_cache_dtype: fp8_e4m3}");
+  EXPECT_EQ(f.cuda_kv_cache_dtype, "fp8_e4m3");
+  EXPECT_EQ(ServeConfig::from_yaml_text(f.to_yaml()).cuda_kv_cache_dtype, "fp8_e4m3");
 }

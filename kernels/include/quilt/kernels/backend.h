@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "quilt/kernels/lora_plan.h"
 #include "quilt/kernels/sample.h"
 #include "quilt/kernels/tensor.h"
 
@@ -156,6 +157,24 @@ class Backend {
   virtual void lora_sgmv_multi(Tensor& y,        // [T, >= every col_offset + N]
                                const Tensor& x,  // [T, K]
                                const std::vector<LoraProblem>& problems);
+  // Multi-LoRA of a whole step from a plan in backend memory (lora_plan.h): no host work or upload
+  // per call, launches sized by step.max_tiles only (graph-safe). lora_shrink computes, for every
+  // tile and module of the group, v = x[rows] A^T (fp32) into step.partials; lora_expand adds
+  // v B^T into y[rows, col : col + n] with one rounding. Rows in no tile are untouched. A group's
+  // shrink and expand come in pairs, with no other LoRA call between them; other ops may (the
+  // base matmul writing y: the cuda backend runs the shrink beside it on a second stream).
+  virtual void lora_shrink(const LoraStep& step, int layer, const LoraGroup& group,
+                           const Tensor& x);  // [T, group.k]
+  virtual void lora_expand(const LoraStep& step, int layer, const LoraGroup& group,
+                           Tensor& y);        // [T, >= every col + n]
+  // lora_expand into gate_up fused with gelu_tanh_mul (the consumer): out = gelu_tanh(gate + dg) *
+  // (up + du) for every row (d = 0 in rows in no tile), gate + dg and up + du each rounded to the
+  // storage dtype as lora_expand stores them; gate_up itself is left as it is. `group` is gate at
+  // column 0 and up at column I. Launch sized by step.max_tiles and step.max_rows (every row of
+  // the step must be a tile row or a listed base row: lora_tiles over all T rows).
+  virtual void lora_expand_gelu(const LoraStep& step, int layer, const LoraGroup& group,
+                                const Tensor& gate_up,  // [T, 2 I]
+                                Tensor& out);           // [T, I]
 
   // Chooses a token for every batch row and computes every target's logprob (sample.h), from
   // logits that stay on this backend; only the small result comes back (the op waits for it).
@@ -182,9 +201,19 @@ class Backend {
   virtual std::pair<size_t, size_t> memory_info() { return {0, 0}; }
 
   // KV cache storage for one layer: k and v, each num_blocks * block_size slots of
-  // num_kv_heads * head_dim values, in the backend's own layout.
-  virtual Tensor kv_cache_tensor(int64_t num_blocks, int block_size, int num_kv_heads,
-                                 int head_dim) = 0;
+  // num_kv_heads * head_dim values, in the backend's own layout, stored as `dtype`: the compute
+  // dtype, or DType::fp8_e4m3 on the cuda backend (e4m3 values with an fp32 scale per slot and
+  // KV head, kernels/cuda/kv_fp8.cuh); a backend refuses a dtype it has no kernels for.
+  // write_kv_cache and paged_attention take either.
+  virtual Tensor kv_cache_tensor(int64_t num_blocks, int block_size, int num_kv_heads, int head_dim,
+                                 DType dtype) = 0;
+  Tensor kv_cache_tensor(int64_t num_blocks, int block_size, int num_kv_heads, int head_dim) {
+    return kv_cache_tensor(num_blocks, block_size, num_kv_heads, head_dim, compute_dtype());
+  }
+  // Device bytes per token slot of one such tensor (fp8 includes its scales).
+  virtual size_t kv_cache_bytes_per_slot(int num_kv_heads, int head_dim, DType dtype) const {
+    return static_cast<size_t>(num_kv_heads) * head_dim * dtype_size(dtype);
+  }
 };
 
 struct BackendOptions {
