@@ -1,7 +1,7 @@
 #!/bin/bash
 # quilt serve on the GPUs: TP2 (np 3) with the tiny default model and its demo adapters.
-R=.devbuild/r4
-printf 'backend: cuda\nreplicas: 1\ntensor_parallel: 2\nhttp: {port: 18080}\nadapters: {slots: 4}\n' > /tmp/q.yaml
+R=${R:-.devbuild/r4}  # folder holding the quilt binary
+printf 'backend: cuda\nreplicas: 1\ntensor_parallel: 2\nhttp: {port: 18080}\nadapters: {slots: 4}\n%s\n' "${EXTRA_YAML:-}" > /tmp/q.yaml
 mpirun --allow-run-as-root -np 3 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE $R/quilt serve --config /tmp/q.yaml > $OUT/serve.log 2>&1 &
 for i in $(seq 1 120); do curl -sf localhost:18080/health >/dev/null && break; sleep 0.5; done
 g() { curl -s -m 20 localhost:18080/generate -H 'Content-Type: application/json' -d "$1"; echo; }
